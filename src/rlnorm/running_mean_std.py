@@ -1,0 +1,405 @@
+"""``RunningMeanStd``: exact (or EMA) running statistics of observations, as a ``nn.Module``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rlnorm import _validation as check
+from rlnorm.distributed import agree_shift, all_reduce_sums, is_distributed
+from rlnorm.moments import (
+    SHIFT_ROWS,
+    Moments,
+    batch_moments,
+    batch_shift,
+    empty_moments,
+    merge,
+    merge_ema,
+    shifted_sums,
+)
+
+__all__ = ["RunningMeanStd"]
+
+_STATE_KEYS = ("mean", "var", "count", "weight_sum", "nonfinite_count")
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of a stream of tensors, and normalization by them.
+
+    Statistics are float64 buffers (the count int64) whatever the input dtype, so ``.to()``,
+    ``state_dict()`` and ``load_state_dict()`` behave as for any module, and precision does not
+    run out: counts stay exact past ``2**24`` and ``2**31``, and a mean of 1e6 with a standard
+    deviation of 1e-3 keeps its variance to 1e-6 relative.
+
+    Exact mode (``momentum=None``) merges each batch's moments with Chan's parallel formula;
+    the result equals the moments of all data seen so far, with no fake prior samples. EMA mode
+    (``momentum`` in ``[0, 1)``) keeps an exponential moving average that follows
+    non-stationary data; see :func:`rlnorm.moments.merge_ema` for the exact formula. Its
+    trade-off: a momentum close to 1 gives stable statistics that lag a distribution shift,
+    a small one follows shifts quickly but lets the normalization jitter with every batch.
+    ``var_floor`` bounds the lag's worst effect: after a shift, normalized batches keep a root
+    mean square of at most ``1 / sqrt(var_floor)`` instead of exploding while the variance
+    catches up, at the cost of statistics that briefly track the latest batch.
+
+    ``update`` and ``normalize`` launch no host synchronisation (except ``nonfinite="raise"``,
+    which must look at the data), so both are safe inside CUDA graphs and compile with
+    ``torch.compile(fullgraph=True)``.
+
+    When ``torch.distributed`` is initialised with several processes, each ``update`` reduces
+    the batch moments over ``process_group`` with one small all-reduce, so every rank applies
+    the same update and holds bitwise identical statistics. Every rank must then call
+    ``update`` the same number of times. Pass ``sync=False`` for per-process statistics.
+
+    Args:
+        shape: feature shape of one sample (``()`` for scalars).
+        momentum: ``None`` for exact statistics, or the EMA weight of the past in ``[0, 1)``.
+        clip: normalized values are clamped to ``[-clip, clip]``; ``None`` disables clamping.
+        epsilon: added to the variance before the square root in ``normalize``.
+        until: stop updating once ``count`` has reached this many samples (the batch that
+            crosses it is taken whole, so that all ranks stop together).
+        center: subtract the mean in ``normalize``; ``False`` only divides by the standard
+            deviation (scale-only normalization).
+        var_floor: EMA mode only: keep the variance at least this fraction of the latest
+            batch's second moment around the running mean.
+        nonfinite: ``"skip"`` leaves rows holding NaN or Inf out of the update and counts them
+            in ``nonfinite_count``; ``"raise"`` raises a ``ValueError`` before anything changes.
+        sync: reduce updates over ``torch.distributed`` when it is initialised.
+        process_group: the group to reduce over; ``None`` is the default group.
+        device: where the statistics live.
+
+    Example:
+        >>> import torch
+        >>> from rlnorm import RunningMeanStd
+        >>> rms = RunningMeanStd(3)
+        >>> batch = rms.update(torch.tensor([[0.0, 10.0, -4.0], [2.0, 30.0, 4.0]]))
+        >>> rms.mean.tolist(), rms.std.tolist(), int(rms.count)
+        ([1.0, 20.0, 0.0], [1.0, 10.0, 4.0], 2)
+        >>> rms.normalize(torch.tensor([[1.0, 30.0, 8.0]])).round(decimals=4).tolist()
+        [[0.0, 1.0, 2.0]]
+    """
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+    weight_sum: Tensor
+    nonfinite_count: Tensor
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...] | torch.Size = (),
+        *,
+        momentum: float | None = None,
+        clip: float | None = 10.0,
+        epsilon: float = 1e-8,
+        until: int | None = None,
+        center: bool = True,
+        var_floor: float | None = None,
+        nonfinite: str = "skip",
+        sync: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = check.check_shape("shape", shape)
+        self.momentum = (
+            None
+            if momentum is None
+            else check.check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        )
+        self.clip = (
+            None if clip is None else check.check_float("clip", clip, low=0.0, low_open=True)
+        )
+        self.epsilon = check.check_float("epsilon", epsilon, low=0.0, low_open=True)
+        self.until = None if until is None else check.check_positive_int("until", until)
+        if not isinstance(center, bool):
+            raise TypeError(f"`center` must be a bool, got {center!r}.")
+        self.center = center
+        if var_floor is not None:
+            if momentum is None:
+                raise ValueError(
+                    f"`var_floor` applies to EMA statistics only; got var_floor={var_floor!r} "
+                    "with momentum=None. Set `momentum` or drop `var_floor`."
+                )
+            var_floor = check.check_float("var_floor", var_floor, low=0.0, high=1.0, low_open=True)
+        self.var_floor = var_floor
+        self.nonfinite = check.check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        if not isinstance(sync, bool):
+            raise TypeError(f"`sync` must be a bool, got {sync!r}.")
+        self.sync = sync
+        self.process_group = process_group
+        device = check.check_device("device", device)
+
+        state = empty_moments(self.shape, device=device)
+        self.register_buffer("mean", state.mean)
+        self.register_buffer("var", state.var)
+        self.register_buffer("count", state.count)
+        self.register_buffer("weight_sum", state.weight)
+        self.register_buffer("nonfinite_count", torch.zeros((), dtype=torch.int64, device=device))
+        # Shift agreed across ranks before the first synchronised update (see `_shift`).
+        self._agreed_shift: Tensor | None = None
+
+    # ------------------------------------------------------------------ statistics
+
+    @property
+    def std(self) -> Tensor:
+        """Standard deviation ``sqrt(var)`` (float64; ``normalize`` adds ``epsilon`` first)."""
+        return self.var.sqrt()
+
+    @property
+    def moments(self) -> Moments:
+        """The current state as plain :class:`~rlnorm.moments.Moments` (live tensors)."""
+        return Moments(self.weight_sum, self.count, self.mean, self.var)
+
+    @property
+    def numel(self) -> int:
+        """Number of features, ``prod(shape)``."""
+        return math.prod(self.shape)
+
+    # ------------------------------------------------------------------ updating
+
+    @torch.no_grad()
+    def update(self, x: Tensor, mask: Tensor | None = None) -> Moments:
+        """Fold a batch into the statistics.
+
+        Args:
+            x: tensor of shape ``(*batch, *shape)`` with any number of leading batch dims.
+            mask: optional tensor of shape ``batch``: bool to keep rows, or non-negative float
+                weights. Rows with mask ``False`` or weight 0 are left out.
+
+        Returns:
+            The batch's own moments (after the distributed reduction, if any), which callers
+            such as :class:`~rlnorm.NormalizerCallback` use to measure drift. An empty batch
+            changes nothing and returns zero weight.
+
+        Raises:
+            ValueError: ``x`` or ``mask`` has the wrong shape or device, or, with
+                ``nonfinite="raise"``, the batch holds NaN or Inf.
+        """
+        flat, weights = self._flatten(x, mask)
+        if self.until is not None:
+            active = (self.count < self.until).to(torch.float64)
+            weights = active.expand(flat.shape[0]) if weights is None else weights * active
+        shift = self._shift(flat, weights)
+        sums = shifted_sums(flat, weights, shift)
+        if self._should_sync():
+            sums = all_reduce_sums(sums, self.process_group)
+        if self.nonfinite == "raise" and bool(sums.nonfinite > 0):
+            raise ValueError(
+                f"`x` holds {int(sums.nonfinite)} row(s) with NaN or Inf values (shape "
+                f"{tuple(x.shape)}) and nonfinite='raise'; the statistics were not changed."
+            )
+        batch = batch_moments(sums)
+        if self.momentum is None:
+            new = merge(self.moments, batch)
+        else:
+            new = merge_ema(self.moments, batch, self.momentum, self.var_floor)
+        self.mean.copy_(new.mean.reshape(self.shape))
+        self.var.copy_(new.var.reshape(self.shape))
+        self.count.copy_(new.count)
+        self.weight_sum.copy_(new.weight)
+        self.nonfinite_count.add_(sums.nonfinite)
+        return batch._replace(
+            mean=batch.mean.reshape(self.shape), var=batch.var.reshape(self.shape)
+        )
+
+    @torch.no_grad()
+    def merge_(self, other: RunningMeanStd) -> RunningMeanStd:
+        """Fold another normalizer's statistics into this one (exact Chan merge), in place.
+
+        In EMA mode the two estimates are mixed in proportion to their debiasing weights.
+
+        Args:
+            other: a normalizer of the same ``shape``, on the same device.
+
+        Returns:
+            ``self``.
+        """
+        if not isinstance(other, RunningMeanStd):
+            raise TypeError(f"`other` must be a RunningMeanStd, got {type(other).__name__}.")
+        if other.shape != self.shape:
+            raise ValueError(
+                f"`other` has shape {other.shape} but this normalizer has shape {self.shape}."
+            )
+        if other.mean.device != self.mean.device:
+            raise ValueError(
+                f"`other` is on {other.mean.device} but this normalizer is on {self.mean.device}."
+            )
+        new = merge(self.moments, other.moments)
+        self.mean.copy_(new.mean)
+        self.var.copy_(new.var)
+        self.count.copy_(new.count)
+        self.weight_sum.copy_(new.weight)
+        self.nonfinite_count.add_(other.nonfinite_count)
+        return self
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget all data: back to count 0, mean 0, variance 1."""
+        state = empty_moments(self.shape, device=self.mean.device)
+        self.mean.copy_(state.mean)
+        self.var.copy_(state.var)
+        self.count.zero_()
+        self.weight_sum.zero_()
+        self.nonfinite_count.zero_()
+        self._agreed_shift = None
+
+    # ------------------------------------------------------------------ normalizing
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``clamp((x - mean) / sqrt(var + epsilon), -clip, clip)`` in ``x``'s dtype.
+
+        Before the first update this is the identity (no clamp either). The statistics are
+        buffers without gradients, so the output carries no autograd history into them and can
+        feed a later forward and backward pass. Call it under ``torch.no_grad()`` rather than
+        ``torch.inference_mode()``: inference tensors cannot be saved for a later backward.
+
+        Args:
+            x: tensor of shape ``(*batch, *shape)``. Integer inputs give float32 output.
+
+        Returns:
+            The normalized tensor, same shape as ``x``.
+        """
+        self._check_input(x)
+        offset, scale, low, high = self._affine(x)
+        compute_dtype = offset.dtype
+        y = torch.sub(x.to(compute_dtype), offset).mul_(scale)
+        if self.clip is not None:
+            y = y.clamp_(low, high)
+        return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
+
+    def denormalize(self, y: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`: ``y * sqrt(var + epsilon) + mean`` where not clipped.
+
+        Args:
+            y: normalized tensor of shape ``(*batch, *shape)``.
+
+        Returns:
+            The tensor in the original units, in ``y``'s dtype.
+        """
+        self._check_input(y, name="y")
+        offset, scale, _, _ = self._affine(y)
+        return (
+            torch.div(y.to(offset.dtype), scale)
+            .add_(offset)
+            .to(y.dtype if y.is_floating_point() else offset.dtype)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same as :meth:`normalize`, so the module can sit inside ``nn.Sequential``."""
+        return self.normalize(x)
+
+    # ------------------------------------------------------------------ internals
+
+    def _affine(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Offset, scale and clamp bounds in the dtype ``x`` is computed in."""
+        dtype = x.dtype
+        if not x.is_floating_point():
+            dtype = torch.get_default_dtype()
+        elif dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        seen = self.count > 0
+        scale = torch.where(seen, torch.rsqrt(self.var + self.epsilon), 1.0)
+        offset = torch.where(seen, self.mean, 0.0) if self.center else torch.zeros_like(self.mean)
+        clip = math.inf if self.clip is None else self.clip
+        high = torch.where(seen, clip, math.inf).to(dtype)
+        return offset.to(dtype), scale.to(dtype), -high, high
+
+    def _check_input(self, x: Tensor, name: str = "x") -> None:
+        check.check_tensor(name, x, self.mean.device)
+        ndim = len(self.shape)
+        if x.dim() < ndim or tuple(x.shape[x.dim() - ndim :]) != self.shape:
+            raise ValueError(
+                f"`{name}` must have shape (*batch, *{self.shape}) to match the normalizer's "
+                f"`shape`, got {tuple(x.shape)}."
+            )
+
+    def _flatten(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x`` as ``(rows, features)`` and the mask as float64 row weights."""
+        self._check_input(x)
+        batch_shape = tuple(x.shape[: x.dim() - len(self.shape)])
+        if x.dtype == torch.bool:
+            x = x.to(torch.uint8)
+        flat = x.reshape(-1, self.numel)
+        if mask is None:
+            return flat, None
+        check.check_tensor("mask", mask, self.mean.device)
+        if tuple(mask.shape) != batch_shape:
+            raise ValueError(
+                f"`mask` must have the batch shape {batch_shape} of `x` (x has shape "
+                f"{tuple(x.shape)}, the normalizer shape {self.shape}), got {tuple(mask.shape)}."
+            )
+        return flat, mask.reshape(-1).to(torch.float64)
+
+    def _should_sync(self) -> bool:
+        return self.sync and is_distributed(self.process_group)
+
+    def _shift(self, flat: Tensor, weights: Tensor | None) -> Tensor:
+        """The point the batch is summed around; common to all ranks when synchronising."""
+        local = batch_shift(flat, weights)
+        if not self._should_sync():
+            return local
+        if self._agreed_shift is None:
+            # Before the first synchronised update the ranks share no running mean yet; agree
+            # on a shift once (the only extra collective), afterwards the running mean serves.
+            head = flat[:SHIFT_ROWS]
+            head_weight = (
+                torch.full((), float(head.shape[0]), dtype=torch.float64, device=flat.device)
+                if weights is None
+                else weights[:SHIFT_ROWS].sum()
+            )
+            self._agreed_shift = agree_shift(local, head_weight, self.process_group)
+        return torch.where(self.count > 0, self.mean.reshape(-1), self._agreed_shift)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for key in ("mean", "var"):
+            value = state_dict.get(prefix + key)
+            if isinstance(value, Tensor) and tuple(value.shape) != self.shape:
+                raise ValueError(
+                    f"Cannot load `{prefix}{key}`: the state has shape {tuple(value.shape)}, "
+                    f"this normalizer expects {self.shape}."
+                )
+        if prefix + "count" in state_dict and prefix + "weight_sum" not in state_dict:
+            # States written before `weight_sum` existed: every sample had weight 1.
+            state_dict[prefix + "weight_sum"] = state_dict[prefix + "count"].to(torch.float64)
+        if prefix + "count" in state_dict and prefix + "nonfinite_count" not in state_dict:
+            state_dict[prefix + "nonfinite_count"] = torch.zeros((), dtype=torch.int64)
+        for key in _STATE_KEYS:
+            value = state_dict.get(prefix + key)
+            finite_or_int = (
+                not isinstance(value, Tensor)
+                or not value.is_floating_point()
+                or bool(torch.isfinite(value).all())
+            )
+            if not finite_or_int:
+                raise ValueError(f"Cannot load `{prefix}{key}`: it holds NaN or Inf values.")
+            if key == "var" and isinstance(value, Tensor) and bool((value < 0).any()):
+                raise ValueError(f"Cannot load `{prefix}var`: it holds negative variances.")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._agreed_shift = None
+
+    def extra_repr(self) -> str:  # noqa: D102
+        parts = [f"shape={self.shape}"]
+        parts.append("exact" if self.momentum is None else f"momentum={self.momentum}")
+        parts.append(f"clip={self.clip}, epsilon={self.epsilon}")
+        if self.until is not None:
+            parts.append(f"until={self.until}")
+        if not self.center:
+            parts.append("center=False")
+        if self.var_floor is not None:
+            parts.append(f"var_floor={self.var_floor}")
+        return ", ".join(parts)
