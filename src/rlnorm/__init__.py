@@ -13,10 +13,22 @@ Example:
     torch.Size([8, 4])
 """
 
+from rlnorm._version import __version__
+from rlnorm.callback import NormalizerCallback, get_normalizer
+from rlnorm.checkpoint import load_normalizers
 from rlnorm.moments import Moments
+from rlnorm.normalizers import NormalizerConfig, Normalizers
 from rlnorm.reward import RewardNormalizer
 from rlnorm.running_mean_std import RunningMeanStd
 
-__version__ = "0.1.0"
-
-__all__ = ["Moments", "RewardNormalizer", "RunningMeanStd", "__version__"]
+__all__ = [
+    "Moments",
+    "NormalizerCallback",
+    "NormalizerConfig",
+    "Normalizers",
+    "RewardNormalizer",
+    "RunningMeanStd",
+    "__version__",
+    "get_normalizer",
+    "load_normalizers",
+]

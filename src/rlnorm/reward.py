@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlnorm import _validation as check
+from rlnorm.moments import Moments
 from rlnorm.running_mean_std import RunningMeanStd
 
 __all__ = ["RewardNormalizer"]
@@ -53,7 +54,7 @@ class RewardNormalizer(nn.Module):
         >>> norm = RewardNormalizer(num_envs=2, gamma=0.9)
         >>> rewards = torch.tensor([[1.0, 0.0], [1.0, 2.0], [1.0, 0.0]])  # (T, num_envs)
         >>> dones = torch.tensor([[False, False], [True, False], [False, False]])
-        >>> norm.update(rewards, dones)
+        >>> _ = norm.update(rewards, dones)
         >>> norm.returns.tolist()  # env 0 reset after step 1, env 1 carries on
         [1.0, 1.8]
         >>> scaled = norm.normalize(rewards)  # rewards / std of the returns seen
@@ -114,7 +115,7 @@ class RewardNormalizer(nn.Module):
         return self.stats.count
 
     @torch.no_grad()
-    def update(self, rewards: Tensor, dones: Tensor) -> None:
+    def update(self, rewards: Tensor, dones: Tensor) -> Moments:
         """Advance the returns by one step or a rollout and update the statistics.
 
         A rollout ``(T, num_envs)`` is one update of the statistics (which matters only in
@@ -124,14 +125,16 @@ class RewardNormalizer(nn.Module):
             rewards: shape ``(num_envs,)`` for one step or ``(T, num_envs)`` for a rollout.
             dones: same shape as ``rewards``, bool (or 0/1): ``terminated | truncated``.
 
+        Returns:
+            The moments of the values the statistics were fed (returns or rewards).
+
         Raises:
             ValueError: on a shape or device mismatch, or with ``nonfinite="raise"`` on a
                 non-finite reward (nothing is changed then).
         """
         steps, dones = self._check(rewards, dones)
         if self.mode == "reward":
-            self.stats.update(steps)
-            return
+            return self.stats.update(steps)
         returns = self.returns
         trajectory = torch.empty(steps.shape, dtype=torch.float64, device=steps.device)
         for t in range(steps.shape[0]):
@@ -142,8 +145,9 @@ class RewardNormalizer(nn.Module):
             trajectory[t] = torch.where(finite, returns, torch.nan)
             returns = torch.where(dones[t], 0.0, returns)
         # Statistics first: with nonfinite="raise" they raise before the returns move.
-        self.stats.update(trajectory)
+        batch = self.stats.update(trajectory)
         self.returns.copy_(returns)
+        return batch
 
     def normalize(self, rewards: Tensor) -> Tensor:
         """Scale rewards by the current statistics (identity before the first update).

@@ -1,0 +1,579 @@
+"""``NormalizerCallback``: observation and reward normalization for Lightning RL trainers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from rlnorm import _validation as check
+from rlnorm._version import __version__
+from rlnorm.drift import IntervalMetrics, batch_shift, drift, per_dim_drift, summary
+from rlnorm.moments import Moments
+from rlnorm.normalizers import NormalizerConfig, Normalizers, Observation, Shape
+from rlnorm.telemetry import DriftHeatmap, tensorboard_writers
+
+__all__ = ["SCHEMA_VERSION", "NormalizerCallback", "get_normalizer"]
+
+#: Version of the checkpoint layout written by :meth:`NormalizerCallback.state_dict`.
+SCHEMA_VERSION = 1
+
+BatchKey = str | int
+
+
+class NormalizerCallback(Callback):
+    r"""Owns an agent's observation and reward normalizers during Lightning training.
+
+    The callback creates the normalizers in ``setup``, keeps them out of the module (so DDP's
+    buffer broadcast cannot overwrite them) and identical on every rank (each update is
+    reduced over ``torch.distributed``), freezes them outside the training loop (validation,
+    test, predict, the sanity check) and after ``until`` samples, logs drift metrics under
+    ``<name>/obs/...`` and ``<name>/reward/...`` every ``log_every_n_steps``, and saves its
+    state in checkpoints so that resuming, evaluating (:func:`rlnorm.load_normalizers`) and
+    exporting use exactly the statistics the policy was trained with.
+
+    Rollout code reaches it with one line, ``norm = rlnorm.get_normalizer(self)``, and calls
+    :meth:`update_obs` once per collected transition, :meth:`normalize_obs` before the policy
+    sees an observation, and :meth:`normalize_rewards` (update and scale in one step) before
+    returns and advantages are computed. Modules whose batches still carry raw observations
+    can instead name the entries in ``batch_keys``: they are updated from and normalized in
+    ``on_train_batch_start``, before ``training_step`` sees the batch.
+
+    Args:
+        obs_shape: feature shape of one observation; a dict of shapes for dict observations;
+            ``None`` infers it from the first observation (or from a loaded checkpoint).
+        name: distinguishes several instances: it prefixes every logged tag and is part of
+            ``state_key``.
+        obs_feature_dims: when inferring ``obs_shape``, how many trailing dims are features.
+        momentum: ``None`` for exact statistics, or an EMA momentum in ``[0, 1)``.
+        clip: clamp bound of normalized observations (``None``: none).
+        epsilon: added to the variance before the square root.
+        until: stop updating observation statistics after this many samples.
+        center: subtract the running mean (``False``: only divide by the running std).
+        var_floor: EMA only: keep the variance at least this fraction of the latest batch's
+            second moment around the running mean.
+        reward: also own a reward normalizer (see :class:`~rlnorm.RewardNormalizer`).
+        num_envs: environments of the reward normalizer; inferred from the first rewards.
+        gamma: discount of the return rewards are scaled by (use the agent's).
+        reward_clip: clamp bound of scaled rewards (``None``: none).
+        reward_mode: ``"return"`` divides by the std of the discounted return (SB3 and
+            Gymnasium convention); ``"reward"`` standardizes rewards.
+        nonfinite: ``"skip"`` leaves NaN/Inf rows out and counts them; ``"raise"`` raises.
+        sync: reduce updates over ``torch.distributed`` (off only for per-rank statistics).
+        batch_keys: batch entries (dict keys or tuple/list indices) holding raw observations
+            to update from and normalize in ``on_train_batch_start``. Statistics are learned
+            from the first entry only; further ones (e.g. ``"next_obs"``) are normalized with
+            the same statistics.
+        update_mask_key: batch entry with a per-row bool mask of the rows to learn from, for
+            datasets that serve each transition several times (PPO epochs, replay buffers):
+            set it ``True`` on a transition's first pass only.
+        log_every_n_steps: logging interval in batches; ``None`` uses the trainer's.
+        log_histograms: with a TensorBoard logger, also write histograms of the per-dimension
+            mean and std and a drift heatmap image.
+        device: where the statistics live; ``None`` follows the LightningModule's device.
+
+    Example:
+        >>> import rlnorm
+        >>> from lightning.pytorch import Trainer
+        >>> callback = rlnorm.NormalizerCallback(obs_shape=4, reward=True, gamma=0.99)
+        >>> trainer = Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
+        >>> callback.state_key
+        "NormalizerCallback{'name': 'rlnorm'}"
+    """
+
+    def __init__(
+        self,
+        obs_shape: Shape | dict[str, Shape] | None = None,
+        *,
+        name: str = "rlnorm",
+        obs_feature_dims: int = 1,
+        momentum: float | None = None,
+        clip: float | None = 10.0,
+        epsilon: float = 1e-8,
+        until: int | None = None,
+        center: bool = True,
+        var_floor: float | None = None,
+        reward: bool = False,
+        num_envs: int | None = None,
+        gamma: float = 0.99,
+        reward_clip: float | None = 10.0,
+        reward_mode: str = "return",
+        nonfinite: str = "skip",
+        sync: bool = True,
+        batch_keys: BatchKey | Sequence[BatchKey] | None = None,
+        update_mask_key: BatchKey | None = None,
+        log_every_n_steps: int | None = None,
+        log_histograms: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ValueError(f"`name` must be a non-empty string without spaces, got {name!r}.")
+        self.name = name
+        self.config = NormalizerConfig(
+            obs_shape=obs_shape,
+            obs_feature_dims=obs_feature_dims,
+            momentum=momentum,
+            clip=clip,
+            epsilon=epsilon,
+            until=until,
+            center=center,
+            var_floor=var_floor,
+            reward=reward,
+            num_envs=num_envs,
+            gamma=gamma,
+            reward_clip=reward_clip,
+            reward_mode=reward_mode,
+            nonfinite=nonfinite,
+            sync=sync,
+        )
+        self.batch_keys = self._check_batch_keys(batch_keys)
+        if update_mask_key is not None and not isinstance(update_mask_key, (str, int)):
+            raise TypeError(f"`update_mask_key` must be a str or int, got {update_mask_key!r}.")
+        if update_mask_key is not None and not self.batch_keys:
+            raise ValueError(
+                f"`update_mask_key={update_mask_key!r}` needs `batch_keys`: it selects the rows "
+                "of the batch entries that statistics are learned from."
+            )
+        self.update_mask_key = update_mask_key
+        if log_every_n_steps is not None:
+            check.check_positive_int("log_every_n_steps", log_every_n_steps)
+        self.log_every_n_steps = log_every_n_steps
+        self.log_histograms = bool(log_histograms)
+        self.device = check.check_device("device", device)
+        self._frozen = False
+        # Everything below holds tensors: created in `setup`, never in `__init__` (under
+        # `ddp_spawn`, tensors made here would be shared memory between the workers).
+        self._normalizers: Normalizers | None = None
+        self._trainer: Trainer | None = None
+        self._interval: dict[str, IntervalMetrics] = {}
+        self._last_logged: dict[str, Moments] = {}
+        self._heatmaps: dict[str, DriftHeatmap] = {}
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    @property
+    def normalizers(self) -> Normalizers:
+        """The :class:`~rlnorm.Normalizers` owned by this callback (after ``setup``)."""
+        if self._normalizers is None:
+            raise RuntimeError(
+                f"NormalizerCallback(name={self.name!r}) has no normalizers yet: they are "
+                "created in `setup`, when `trainer.fit(...)` (or validate/test/predict) starts. "
+                "Outside a Trainer, use `rlnorm.load_normalizers(ckpt_path)`."
+            )
+        return self._normalizers
+
+    @property
+    def updates_enabled(self) -> bool:
+        """Whether updates change the statistics now: inside the training loop, not frozen."""
+        trainer = self._trainer
+        return (
+            not self._frozen
+            and trainer is not None
+            and trainer.training
+            and not trainer.sanity_checking
+        )
+
+    def freeze(self) -> None:
+        """Stop updating the statistics until :meth:`unfreeze` (normalizing goes on)."""
+        self._frozen = True
+
+    def unfreeze(self) -> None:
+        """Resume updating the statistics (inside the training loop)."""
+        self._frozen = False
+
+    # ------------------------------------------------------------------ rollout API
+
+    def update_obs(self, obs: Observation, mask: Tensor | None = None) -> None:
+        """Fold raw observations into the statistics; call once per collected transition.
+
+        Ignored outside the training loop, while frozen and after ``until`` samples.
+
+        Args:
+            obs: tensor ``(*batch, *obs_shape)`` or a dict of them.
+            mask: optional rows to learn from, shape ``batch`` (bool or float weights).
+        """
+        norms = self._sync_frozen()
+        batches = norms.update_obs(obs, mask)
+        for tag, batch in batches.items():
+            tag = "obs" if not norms.dict_obs else f"obs/{tag}"
+            self._metrics(tag).update_shift(
+                batch_shift(batch, norms.named_normalizers()[tag].moments)
+            )
+
+    def normalize_obs(self, obs: Observation) -> Observation:
+        """Normalize observations with the current statistics (never updates them).
+
+        Args:
+            obs: tensor or dict of tensors, raw.
+
+        Returns:
+            The normalized observations, same structure.
+        """
+        norms = self._sync_frozen()
+        out = norms.normalize_obs(obs)
+        clip = self.config.clip
+        if clip is not None and self.updates_enabled:
+            if isinstance(out, Mapping):
+                for key, value in out.items():
+                    if key in norms.obs:
+                        self._metrics(f"obs/{key}").update_clipped(value, clip)
+            else:
+                self._metrics("obs").update_clipped(out, clip)
+        return out
+
+    def denormalize_obs(self, obs: Observation) -> Observation:
+        """Inverse of :meth:`normalize_obs` where values were not clipped."""
+        return self.normalizers.denormalize_obs(obs)
+
+    def normalize_rewards(self, rewards: Tensor, dones: Tensor) -> Tensor:
+        """Update the reward statistics (in the training loop) and scale ``rewards``.
+
+        Call once per environment step or once per rollout ``(T, num_envs)``, before returns
+        and advantages are computed.
+
+        Args:
+            rewards: ``(num_envs,)`` or ``(T, num_envs)`` raw rewards.
+            dones: same shape, ``terminated | truncated``.
+
+        Returns:
+            The scaled rewards.
+        """
+        norms = self._sync_frozen()
+        batch = norms.update_rewards(rewards, dones)
+        if batch is not None:
+            assert norms.reward is not None
+            self._metrics("reward").update_shift(batch_shift(batch, norms.reward.stats.moments))
+        out = norms.scale_rewards(rewards)
+        clip = self.config.reward_clip
+        if clip is not None and self.updates_enabled:
+            self._metrics("reward").update_clipped(out, clip)
+        return out
+
+    def scale_rewards(self, rewards: Tensor) -> Tensor:
+        """Scale rewards with the current statistics without updating them."""
+        return self.normalizers.scale_rewards(rewards)
+
+    def denormalize_rewards(self, rewards: Tensor) -> Tensor:
+        """Inverse of the reward scaling where not clipped."""
+        return self.normalizers.denormalize_rewards(rewards)
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if self._normalizers is None:
+            self._normalizers = Normalizers(self.config, device=self.device)
+        if stage == "fit":
+            for ckpt in trainer.checkpoint_callbacks:
+                if getattr(ckpt, "save_weights_only", False):
+                    rank_zero_warn(
+                        f"{type(ckpt).__name__}(save_weights_only=True) writes no callback state, "
+                        f"so its checkpoints will not hold the statistics of "
+                        f"NormalizerCallback(name={self.name!r}); evaluating from them would use "
+                        "fresh statistics. Save full checkpoints (save_weights_only=False) to "
+                        "use `rlnorm.load_normalizers`.",
+                        category=UserWarning,
+                    )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = self.device or pl_module.device
+        self.normalizers.to(device)
+        self._interval.clear()
+        self._last_logged = {tag: _to(m, device) for tag, m in self._last_logged.items()}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.batch_keys:
+            return
+        mask = None if self.update_mask_key is None else _get(batch, self.update_mask_key)
+        first = self.batch_keys[0]
+        if self.updates_enabled:
+            self.update_obs(_get(batch, first), mask)
+        for key in self.batch_keys:
+            _set(batch, key, self.normalize_obs(_get(batch, key)))
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if not trainer.loggers or every <= 0 or (step + 1) % every != 0:
+            return
+        self._log(trainer, step)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key in checkpoint.get("callbacks", {}):
+            return
+        others = [
+            key
+            for key, value in checkpoint.get("callbacks", {}).items()
+            if isinstance(value, Mapping) and "schema_version" in value and "normalizers" in value
+        ]
+        hint = f" It holds normalizer state under {others}: was `name` changed?" if others else ""
+        rank_zero_warn(
+            f"The checkpoint holds no state for NormalizerCallback(name={self.name!r}); its "
+            f"statistics start fresh.{hint}",
+            category=UserWarning,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._normalizers is None:
+            return {}
+        norms = self._normalizers
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "rlnorm_version": __version__,
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "dict_obs": norms.dict_obs,
+            "obs_shapes": {key: list(shape) for key, shape in norms.obs_shapes.items()},
+            "num_envs": None if norms.reward is None else norms.reward.num_envs,
+            "normalizers": {k: v.detach().clone() for k, v in norms.state_dict().items()},
+            "last_logged": {tag: m._asdict() for tag, m in self._last_logged.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._normalizers is None:
+            self._normalizers = Normalizers(self.config, device=self.device)
+        restore_normalizers(self._normalizers, state_dict, where=f"state of {self.state_key}")
+        saved = state_dict.get("config", {})
+        changed = {
+            key: (saved[key], value)
+            for key, value in self.config.to_dict().items()
+            if key in saved and key != "obs_shape" and saved[key] != value
+        }
+        if changed:
+            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            rank_zero_warn(
+                f"NormalizerCallback(name={self.name!r}) resumes with settings that differ from "
+                f"the checkpoint's ({details}); the restored statistics are kept and the new "
+                "settings apply from now on.",
+                category=UserWarning,
+            )
+        device = self._normalizers._device_now()
+        self._last_logged = {
+            tag: _to(Moments(**m), device) for tag, m in state_dict.get("last_logged", {}).items()
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _sync_frozen(self) -> Normalizers:
+        norms = self.normalizers
+        norms.frozen = not self.updates_enabled
+        return norms
+
+    def _metrics(self, tag: str) -> IntervalMetrics:
+        metrics = self._interval.get(tag)
+        if metrics is None:
+            device = self.normalizers.named_normalizers()[tag].mean.device
+            metrics = self._interval[tag] = IntervalMetrics(device)
+        return metrics
+
+    def _log(self, trainer: Trainer, step: int) -> None:
+        """Compute every figure (collectives included, on all ranks) and write on rank zero."""
+        metrics: dict[str, float] = {}
+        histograms: dict[str, Tensor] = {}
+        images: dict[str, Tensor] = {}
+        for tag, norm in self.normalizers.named_normalizers().items():
+            prefix = f"{self.name}/{tag}"
+            state = _clone(norm.moments)
+            figures = summary(state)
+            last = self._last_logged.get(tag)
+            if last is not None and last.mean.shape == state.mean.shape:
+                figures.update(drift(last, state))
+                heatmap = self._heatmaps.setdefault(tag, DriftHeatmap())
+                heatmap.add(per_dim_drift(last, state))
+                image = heatmap.image()
+                if image is not None:
+                    images[f"{prefix}/drift_heatmap"] = image
+            figures.update(self._metrics(tag).compute_and_reset())
+            figures["nonfinite_rows"] = norm.nonfinite_count
+            self._last_logged[tag] = state
+            for key, value in figures.items():
+                value = float(value)
+                if value == value:  # NaN: no data in this interval
+                    metrics[f"{prefix}/{key}"] = value
+            histograms[f"{prefix}/mean"] = state.mean.reshape(-1)
+            histograms[f"{prefix}/std"] = state.var.sqrt().reshape(-1)
+        self._write(trainer, step, metrics, histograms, images)
+
+    @rank_zero_only
+    def _write(
+        self,
+        trainer: Trainer,
+        step: int,
+        metrics: dict[str, float],
+        histograms: dict[str, Tensor],
+        images: dict[str, Tensor],
+    ) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if not self.log_histograms:
+            return
+        for writer in tensorboard_writers(trainer.loggers):
+            for tag, values in histograms.items():
+                if values.numel():
+                    writer.add_histogram(f"{tag}_hist", values.detach().cpu(), global_step=step)
+            for tag, image in images.items():
+                writer.add_image(tag, image, global_step=step, dataformats="CHW")
+
+    @staticmethod
+    def _check_batch_keys(keys: BatchKey | Sequence[BatchKey] | None) -> tuple[BatchKey, ...]:
+        if keys is None:
+            return ()
+        if isinstance(keys, (str, int)):
+            keys = (keys,)
+        if not isinstance(keys, Sequence) or not all(isinstance(k, (str, int)) for k in keys):
+            raise TypeError(f"`batch_keys` must be a str, an int or a list of them, got {keys!r}.")
+        return tuple(keys)
+
+
+def restore_normalizers(norms: Normalizers, state: Mapping[str, Any], where: str) -> None:
+    """Load a :meth:`NormalizerCallback.state_dict` into ``norms``, checking it first.
+
+    Raises:
+        ValueError: the state is from a newer schema, malformed, or does not match the
+            normalizers' keys or shapes; the message names ``where`` and both sides.
+    """
+    version = state.get("schema_version")
+    if not isinstance(version, int) or "normalizers" not in state:
+        raise ValueError(f"The {where} is not an rlnorm normalizer state (keys: {sorted(state)}).")
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"The {where} has schema version {version}, newer than this rlnorm "
+            f"({__version__}) reads ({SCHEMA_VERSION}); upgrade rlnorm."
+        )
+    shapes = {key: tuple(shape) for key, shape in state.get("obs_shapes", {}).items()}
+    try:
+        if state.get("dict_obs") is not None:
+            norms.ensure_obs_shapes(shapes, bool(state["dict_obs"]))
+        if state.get("num_envs") is not None:
+            norms.ensure_reward(int(state["num_envs"]))
+        missing, unexpected = _load_tensors(norms, state["normalizers"])
+    except ValueError as err:
+        raise ValueError(f"Cannot restore the {where}: {err}") from None
+    # Parts the saved state never had (no data seen yet) stay fresh.
+    if state.get("dict_obs") is None:
+        missing = [k for k in missing if not k.startswith("obs.")]
+    if state.get("num_envs") is None:
+        missing = [k for k in missing if not k.startswith("reward.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"Cannot restore the {where}: its tensors do not match the normalizers "
+            f"(missing {missing}, unexpected {unexpected})."
+        )
+
+
+def _load_tensors(norms: Normalizers, tensors: Mapping[str, Tensor]) -> tuple[list, list]:
+    result = norms.load_state_dict(dict(tensors), strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) -> NormalizerCallback:
+    """The :class:`NormalizerCallback` attached to a trainer, the one line rollout code needs.
+
+    Args:
+        owner: the ``Trainer``, or a ``LightningModule`` attached to one (pass ``self``).
+        name: which instance, when several are attached.
+
+    Returns:
+        The callback.
+
+    Raises:
+        LookupError: none (or no single one) is attached; the message says how to attach it.
+
+    Example:
+        >>> import rlnorm
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[rlnorm.NormalizerCallback(4)], logger=False)
+        >>> rlnorm.get_normalizer(trainer).name
+        'rlnorm'
+    """
+    if isinstance(owner, LightningModule):
+        trainer = owner._trainer
+        if trainer is None:
+            raise LookupError(
+                f"{type(owner).__name__} is not attached to a Trainer, so it has no "
+                "NormalizerCallback; outside training use `rlnorm.load_normalizers(ckpt_path)`."
+            )
+    elif isinstance(owner, Trainer):
+        trainer = owner
+    else:
+        raise TypeError(
+            f"`owner` must be a Trainer or LightningModule, got {type(owner).__name__}."
+        )
+    found = [cb for cb in trainer.callbacks if isinstance(cb, NormalizerCallback)]
+    if name is not None:
+        found = [cb for cb in found if cb.name == name]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        which = "" if name is None else f" with name={name!r}"
+        raise LookupError(
+            f"No NormalizerCallback{which} is attached to the Trainer: pass "
+            "`Trainer(callbacks=[rlnorm.NormalizerCallback(...)])` or return it from "
+            "`LightningModule.configure_callbacks`."
+        )
+    names = [cb.name for cb in found]
+    raise LookupError(f"Several NormalizerCallbacks are attached ({names}); pass `name=`.")
+
+
+def _clone(moments: Moments) -> Moments:
+    return Moments(*(t.detach().clone() for t in moments))
+
+
+def _to(moments: Moments, device: torch.device | None) -> Moments:
+    return Moments(*(t.to(device) for t in moments))
+
+
+def _get(batch: Any, key: BatchKey) -> Any:
+    try:
+        return batch[key]
+    except (KeyError, IndexError, TypeError):
+        available = sorted(map(str, batch)) if isinstance(batch, Mapping) else len(batch)
+        raise KeyError(
+            f"Batch entry {key!r} (from `batch_keys`/`update_mask_key`) is not in the batch "
+            f"(a {type(batch).__name__}; entries: {available})."
+        ) from None
+
+
+def _set(batch: Any, key: BatchKey, value: Any) -> None:
+    if isinstance(batch, (MutableMapping, MutableSequence)):
+        batch[key] = value
+        return
+    target = batch[key]
+    if isinstance(target, Tensor) and isinstance(value, Tensor) and target.dtype == value.dtype:
+        # Tuples cannot take a new entry: overwrite the tensor itself.
+        target.copy_(value)
+        return
+    raise TypeError(
+        f"Cannot write normalized batch entry {key!r} into a {type(batch).__name__} holding "
+        f"{type(target).__name__}; yield batches as dicts or lists."
+    )

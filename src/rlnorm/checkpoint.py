@@ -1,0 +1,117 @@
+"""Reading normalizer statistics back from Lightning checkpoints, without a Trainer."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlnorm.callback import restore_normalizers
+from rlnorm.normalizers import NormalizerConfig, Normalizers
+
+__all__ = ["find_normalizer_states", "load_normalizers", "read_checkpoint"]
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` on the CPU.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable checkpoint (truncated, corrupted, or holding
+            objects that ``weights_only=True`` refuses); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"Cannot read checkpoint {str(path)!r}: it is truncated, corrupted or not a "
+            f"PyTorch checkpoint ({first_line})."
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"Checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning "
+            "checkpoint dict."
+        )
+    return checkpoint
+
+
+def find_normalizer_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The normalizer states in a Lightning checkpoint dict, by callback ``name``."""
+    found = {}
+    for value in checkpoint.get("callbacks", {}).values():
+        if isinstance(value, Mapping) and "schema_version" in value and "normalizers" in value:
+            found[str(value.get("name", "rlnorm"))] = dict(value)
+    return found
+
+
+def load_normalizers(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    name: str | None = None,
+    device: torch.device | str | None = None,
+) -> Normalizers:
+    """The frozen normalizers a run was trained with, for evaluation or deployment.
+
+    Reads the state :class:`~rlnorm.NormalizerCallback` wrote into a Lightning checkpoint
+    (``ModelCheckpoint``'s files, ``last.ckpt``, ``trainer.save_checkpoint``), with
+    ``torch.load(weights_only=True)``: no pickled code runs. Checkpoints written with
+    ``save_weights_only=True`` hold no callback state at all, so they cannot be used here;
+    the error says so rather than handing back fresh statistics.
+
+    Args:
+        checkpoint: path of a checkpoint file, or an already loaded checkpoint dict.
+        name: the callback's ``name``, needed only when several were attached.
+        device: where to put the statistics.
+
+    Returns:
+        :class:`~rlnorm.Normalizers`, frozen and in eval mode.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        ValueError: unreadable file, no (or no single) normalizer state, or a malformed one.
+
+    Example:
+        >>> import rlnorm
+        >>> ckpt = "runs/lightning_logs/version_0/checkpoints/last.ckpt"
+        >>> norms = rlnorm.load_normalizers(ckpt)  # doctest: +SKIP
+        >>> action = policy(norms.normalize_obs(obs))  # doctest: +SKIP
+    """
+    where = "the given checkpoint"
+    if not isinstance(checkpoint, Mapping):
+        where = f"checkpoint {str(checkpoint)!r}"
+        checkpoint = read_checkpoint(checkpoint)
+    states = find_normalizer_states(checkpoint)
+    if not states:
+        if "callbacks" not in checkpoint and "state_dict" in checkpoint:
+            raise ValueError(
+                f"The {where} holds no callback state: it was saved with save_weights_only=True, "
+                "which drops the normalizer statistics. Use a full checkpoint (the default of "
+                "ModelCheckpoint, e.g. last.ckpt)."
+            )
+        raise ValueError(
+            f"The {where} holds no rlnorm normalizer state: was NormalizerCallback attached to "
+            "the Trainer that wrote it?"
+        )
+    if name is None:
+        if len(states) > 1:
+            raise ValueError(
+                f"The {where} holds several normalizer states {sorted(states)}; pass `name=`."
+            )
+        name = next(iter(states))
+    if name not in states:
+        raise ValueError(f"The {where} has no normalizer named {name!r}; it has {sorted(states)}.")
+    state = states[name]
+    config = NormalizerConfig.from_dict(state.get("config", {}))
+    norms = Normalizers(config, device=device)
+    restore_normalizers(norms, state, where=f"normalizer state {name!r} in {where}")
+    if device is not None:
+        norms.to(device)
+    return norms.freeze().eval()

@@ -1,0 +1,387 @@
+"""``Normalizers``: the observation and reward normalizers of one agent, with their config.
+
+This is what :class:`~rlnorm.NormalizerCallback` owns during training and what
+:func:`~rlnorm.load_normalizers` returns for evaluation and deployment, so both sides apply
+the statistics the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlnorm import _validation as check
+from rlnorm.moments import Moments
+from rlnorm.reward import RewardNormalizer
+from rlnorm.running_mean_std import RunningMeanStd
+
+__all__ = ["NormalizerConfig", "Normalizers", "Observation"]
+
+Shape = int | tuple[int, ...]
+#: An observation: one tensor, or a mapping of named tensors (dict observations).
+Observation = Tensor | Mapping[str, Tensor]
+
+#: Name of the single normalizer when observations are plain tensors.
+TENSOR_KEY = "obs"
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizerConfig:
+    """Settings of an agent's normalizers; stored in checkpoints next to the statistics.
+
+    Attributes:
+        obs_shape: feature shape of one observation, a dict of shapes for dict observations,
+            or ``None`` to infer it from the first observation seen.
+        obs_feature_dims: when inferring, how many trailing dims are features (1 for vectors,
+            3 for images).
+        momentum: ``None`` for exact statistics, or an EMA momentum in ``[0, 1)``.
+        clip: observation clamp bound (``None``: no clamp).
+        epsilon: added to the variance before the square root.
+        until: stop updating observation statistics after this many samples.
+        center: subtract the mean from observations (``False``: scale only).
+        var_floor: EMA only: lower bound of the variance relative to the latest batch.
+        reward: own a reward normalizer.
+        num_envs: number of environments of the reward normalizer (inferred when ``None``).
+        gamma: discount of the return the rewards are scaled by.
+        reward_clip: clamp bound of scaled rewards (``None``: no clamp).
+        reward_mode: ``"return"`` (divide by the return's std) or ``"reward"`` (standardize).
+        nonfinite: ``"skip"`` NaN/Inf rows (counted) or ``"raise"``.
+        sync: reduce updates over ``torch.distributed`` when it is initialised.
+    """
+
+    obs_shape: Shape | dict[str, Shape] | None = None
+    obs_feature_dims: int = 1
+    momentum: float | None = None
+    clip: float | None = 10.0
+    epsilon: float = 1e-8
+    until: int | None = None
+    center: bool = True
+    var_floor: float | None = None
+    reward: bool = False
+    num_envs: int | None = None
+    gamma: float = 0.99
+    reward_clip: float | None = 10.0
+    reward_mode: str = "return"
+    nonfinite: str = "skip"
+    sync: bool = True
+
+    def __post_init__(self) -> None:
+        if self.obs_shape is not None:
+            if isinstance(self.obs_shape, Mapping):
+                if not self.obs_shape:
+                    raise ValueError("`obs_shape` must not be an empty dict.")
+                shapes = {
+                    str(k): check.check_shape(f"obs_shape[{k!r}]", v)
+                    for k, v in self.obs_shape.items()
+                }
+                object.__setattr__(self, "obs_shape", shapes)
+            else:
+                object.__setattr__(
+                    self, "obs_shape", check.check_shape("obs_shape", self.obs_shape)
+                )
+        check.check_positive_int("obs_feature_dims", self.obs_feature_dims)
+        if self.num_envs is not None:
+            check.check_positive_int("num_envs", self.num_envs)
+        if not isinstance(self.reward, bool):
+            raise TypeError(f"`reward` must be a bool, got {self.reward!r}.")
+        # Building throwaway normalizers runs their own argument checks, messages included.
+        self.make_obs(())
+        self.make_reward(1)
+
+    def make_obs(
+        self, shape: tuple[int, ...], device: torch.device | None = None
+    ) -> RunningMeanStd:
+        """A fresh observation normalizer of ``shape`` with these settings."""
+        return RunningMeanStd(
+            shape,
+            momentum=self.momentum,
+            clip=self.clip,
+            epsilon=self.epsilon,
+            until=self.until,
+            center=self.center,
+            var_floor=self.var_floor,
+            nonfinite=self.nonfinite,
+            sync=self.sync,
+            device=device,
+        )
+
+    def make_reward(self, num_envs: int, device: torch.device | None = None) -> RewardNormalizer:
+        """A fresh reward normalizer for ``num_envs`` environments with these settings."""
+        return RewardNormalizer(
+            num_envs,
+            gamma=self.gamma,
+            clip=self.reward_clip,
+            epsilon=self.epsilon,
+            mode=self.reward_mode,
+            nonfinite=self.nonfinite,
+            sync=self.sync,
+            device=device,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only, so ``torch.load(weights_only=True)`` reads them back."""
+        out = dataclasses.asdict(self)
+        shape = out["obs_shape"]
+        if isinstance(shape, dict):
+            out["obs_shape"] = {k: list(v) for k, v in shape.items()}
+        elif shape is not None:
+            out["obs_shape"] = list(shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> NormalizerConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (from newer versions) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        shape = kwargs.get("obs_shape")
+        if isinstance(shape, Mapping):
+            kwargs["obs_shape"] = {k: tuple(v) for k, v in shape.items()}
+        elif isinstance(shape, list):
+            kwargs["obs_shape"] = tuple(shape)
+        return cls(**kwargs)
+
+
+class Normalizers(nn.Module):
+    """The observation normalizer(s) and the optional reward normalizer of one agent.
+
+    Observations are either plain tensors (one :class:`~rlnorm.RunningMeanStd` under
+    ``obs["obs"]``) or dicts of tensors (one per key). When ``config.obs_shape`` is ``None``
+    the normalizers are created from the first observation seen, or from a loaded state.
+
+    ``frozen`` normalizers ignore updates: evaluation and deployment use them as trained.
+
+    Args:
+        config: the settings.
+        device: where the statistics live.
+
+    Example:
+        >>> import torch
+        >>> from rlnorm import NormalizerConfig, Normalizers
+        >>> norms = Normalizers(NormalizerConfig(obs_shape=3, reward=True, num_envs=2))
+        >>> _ = norms.update_obs(torch.randn(2, 3))
+        >>> norms.normalize_obs(torch.randn(2, 3)).shape
+        torch.Size([2, 3])
+        >>> norms.normalize_rewards(torch.ones(2), torch.zeros(2, dtype=torch.bool)).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, config: NormalizerConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, NormalizerConfig):
+            raise TypeError(f"`config` must be a NormalizerConfig, got {type(config).__name__}.")
+        self.config = config
+        self.frozen = False
+        self._device = check.check_device("device", device)
+        self.obs = nn.ModuleDict()
+        self.dict_obs: bool | None = None
+        shape = config.obs_shape
+        if isinstance(shape, Mapping):
+            self.dict_obs = True
+            for key, key_shape in shape.items():
+                self.obs[key] = config.make_obs(key_shape, self._device)
+        elif shape is not None:
+            self.dict_obs = False
+            self.obs[TENSOR_KEY] = config.make_obs(shape, self._device)
+        self.reward: RewardNormalizer | None = None
+        if config.reward and config.num_envs is not None:
+            self.reward = config.make_reward(config.num_envs, self._device)
+
+    # ------------------------------------------------------------------ observations
+
+    @property
+    def obs_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Feature shape of each observation normalizer (empty before they exist)."""
+        return {key: norm.shape for key, norm in self.obs.items()}
+
+    def update_obs(self, obs: Observation, mask: Tensor | None = None) -> dict[str, Any]:
+        """Fold observations into the statistics (ignored while :attr:`frozen`).
+
+        Args:
+            obs: a tensor ``(*batch, *shape)`` or a dict of them.
+            mask: optional rows to keep, of shape ``batch`` (bool or float weights).
+
+        Returns:
+            The batch moments per key (empty when frozen), for drift telemetry.
+        """
+        self._ensure_obs(obs)
+        if self.frozen:
+            return {}
+        return {key: self.obs[key].update(x, mask) for key, x in self._items(obs)}
+
+    def normalize_obs(self, obs: Observation) -> Observation:
+        """Normalize observations with the current statistics (never updates them).
+
+        Args:
+            obs: a tensor or a dict of tensors; dict entries without a normalizer pass
+                through unchanged.
+
+        Returns:
+            The same structure, normalized.
+        """
+        self._ensure_obs(obs)
+        if not self.dict_obs:
+            return self.obs[TENSOR_KEY].normalize(self._tensor(obs))
+        return {k: self.obs[k].normalize(v) if k in self.obs else v for k, v in obs.items()}
+
+    def denormalize_obs(self, obs: Observation) -> Observation:
+        """Inverse of :meth:`normalize_obs` where values were not clipped."""
+        self._ensure_obs(obs)
+        if not self.dict_obs:
+            return self.obs[TENSOR_KEY].denormalize(self._tensor(obs))
+        return {k: self.obs[k].denormalize(v) if k in self.obs else v for k, v in obs.items()}
+
+    # ------------------------------------------------------------------ rewards
+
+    def normalize_rewards(self, rewards: Tensor, dones: Tensor) -> Tensor:
+        """Update the reward statistics (unless frozen) and scale ``rewards``, in one step.
+
+        Args:
+            rewards: ``(num_envs,)`` or ``(T, num_envs)``.
+            dones: same shape, ``terminated | truncated``.
+
+        Returns:
+            The scaled rewards.
+        """
+        self.update_rewards(rewards, dones)
+        return self.scale_rewards(rewards)
+
+    def update_rewards(self, rewards: Tensor, dones: Tensor) -> Moments | None:
+        """Advance the returns and update the reward statistics (ignored while frozen).
+
+        Returns:
+            The moments of the values fed to the statistics, or ``None`` when frozen.
+        """
+        reward = self._reward_normalizer(rewards)
+        return None if self.frozen else reward.update(rewards, dones)
+
+    def scale_rewards(self, rewards: Tensor) -> Tensor:
+        """Scale rewards with the current statistics, without updating them."""
+        return self._reward_normalizer(rewards).normalize(rewards)
+
+    def denormalize_rewards(self, rewards: Tensor) -> Tensor:
+        """Inverse of the reward scaling where not clipped."""
+        return self._reward_normalizer(rewards).denormalize(rewards)
+
+    # ------------------------------------------------------------------ state
+
+    def freeze(self) -> Normalizers:
+        """Stop updating; returns ``self``."""
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> Normalizers:
+        """Resume updating; returns ``self``."""
+        self.frozen = False
+        return self
+
+    def named_normalizers(self) -> dict[str, RunningMeanStd]:
+        """Every running statistic by its telemetry name: ``obs``, ``obs/<key>``, ``reward``."""
+        out: dict[str, RunningMeanStd] = {}
+        for key, norm in self.obs.items():
+            out["obs" if not self.dict_obs else f"obs/{key}"] = norm
+        if self.reward is not None:
+            out["reward"] = self.reward.stats
+        return out
+
+    def ensure_obs_shapes(self, obs_shapes: Mapping[str, tuple[int, ...]], dict_obs: bool) -> None:
+        """Create the observation normalizers with these shapes, or check existing ones.
+
+        Raises:
+            ValueError: existing normalizers have other keys or shapes; the message names both.
+        """
+        shapes = {str(k): tuple(v) for k, v in obs_shapes.items()}
+        if self.dict_obs is None:
+            self.dict_obs = dict_obs
+            for key, shape in shapes.items():
+                self.obs[key] = self.config.make_obs(shape, self._device_now())
+        elif self.obs_shapes != shapes or self.dict_obs != dict_obs:
+            raise ValueError(
+                f"observation shapes do not match: the state has {shapes}, the normalizers "
+                f"have {self.obs_shapes}."
+            )
+
+    def ensure_reward(self, num_envs: int) -> None:
+        """Create the reward normalizer for ``num_envs`` environments, or check the existing one.
+
+        Raises:
+            ValueError: the existing reward normalizer has another ``num_envs``.
+        """
+        if self.reward is None:
+            self.reward = self.config.make_reward(num_envs, self._device_now())
+        elif self.reward.num_envs != num_envs:
+            raise ValueError(
+                f"reward normalizer sizes do not match: the state has num_envs={num_envs}, "
+                f"the normalizer has num_envs={self.reward.num_envs}."
+            )
+
+    # ------------------------------------------------------------------ internals
+
+    def _device_now(self) -> torch.device | None:
+        for tensor in self.buffers():
+            return tensor.device
+        return self._device
+
+    def _tensor(self, obs: Observation) -> Tensor:
+        if isinstance(obs, Mapping):
+            raise TypeError(
+                f"`obs` is a dict (keys {sorted(obs)}) but these normalizers were built for "
+                "tensor observations."
+            )
+        return obs
+
+    def _items(self, obs: Observation) -> list[tuple[str, Tensor]]:
+        if not self.dict_obs:
+            return [(TENSOR_KEY, self._tensor(obs))]
+        if not isinstance(obs, Mapping):
+            raise TypeError(
+                f"`obs` is a {type(obs).__name__} but these normalizers were built for dict "
+                f"observations with keys {sorted(self.obs)}."
+            )
+        missing = sorted(set(self.obs) - set(obs))
+        if missing:
+            raise ValueError(f"`obs` lacks the key(s) {missing}; it has {sorted(obs)}.")
+        return [(key, obs[key]) for key in self.obs]
+
+    def _ensure_obs(self, obs: Observation) -> None:
+        """Create the observation normalizers from the first observation if shapes are unknown."""
+        if self.dict_obs is not None:
+            return
+        dims = self.config.obs_feature_dims
+        if isinstance(obs, Mapping):
+            shapes = {str(k): self._feature_shape(f"obs[{k!r}]", v, dims) for k, v in obs.items()}
+            device = next(iter(obs.values())).device if obs else None
+        else:
+            shapes = {TENSOR_KEY: self._feature_shape("obs", obs, dims)}
+            device = obs.device
+        self._device = self._device or device
+        self.ensure_obs_shapes(shapes, isinstance(obs, Mapping))
+
+    @staticmethod
+    def _feature_shape(name: str, x: Any, dims: int) -> tuple[int, ...]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+        if x.dim() < dims:
+            raise ValueError(
+                f"`{name}` has shape {tuple(x.shape)}, fewer dims than obs_feature_dims={dims}."
+            )
+        return tuple(x.shape[x.dim() - dims :])
+
+    def _reward_normalizer(self, rewards: Tensor) -> RewardNormalizer:
+        if self.reward is None:
+            if not self.config.reward:
+                raise RuntimeError(
+                    "No reward normalizer: construct with `reward=True` to normalize rewards."
+                )
+            if not isinstance(rewards, Tensor) or rewards.dim() not in (1, 2):
+                raise ValueError(
+                    "`rewards` must be a tensor of shape (num_envs,) or (T, num_envs), got "
+                    f"{getattr(rewards, 'shape', type(rewards).__name__)}."
+                )
+            self._device = self._device or rewards.device
+            self.ensure_reward(rewards.shape[-1])
+        assert self.reward is not None
+        return self.reward
