@@ -281,5 +281,5 @@ def merge_ema(
         gap = b.mean - out.mean
         floor = var_floor * (b.var + gap * gap)
         var = torch.where(b.weight > 0, torch.maximum(out.var, floor), out.var)
-        out = out._replace(var=var)
+        out = Moments(out.weight, out.count, out.mean, var)
     return out

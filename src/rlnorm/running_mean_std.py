@@ -141,6 +141,7 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("nonfinite_count", torch.zeros((), dtype=torch.int64, device=device))
         # Shift agreed across ranks before the first synchronised update (see `_shift`).
         self._agreed_shift: Tensor | None = None
+        self._affine_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     # ------------------------------------------------------------------ statistics
 
@@ -202,8 +203,9 @@ class RunningMeanStd(nn.Module):
         self.count.copy_(new.count)
         self.weight_sum.copy_(new.weight)
         self.nonfinite_count.add_(sums.nonfinite)
-        return batch._replace(
-            mean=batch.mean.reshape(self.shape), var=batch.var.reshape(self.shape)
+        # Built explicitly: some torch.compile versions cannot return `NamedTuple._replace`.
+        return Moments(
+            batch.weight, batch.count, batch.mean.reshape(self.shape), batch.var.reshape(self.shape)
         )
 
     @torch.no_grad()
@@ -295,17 +297,33 @@ class RunningMeanStd(nn.Module):
     # ------------------------------------------------------------------ internals
 
     def _affine(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Offset, scale and clamp bounds in the dtype ``x`` is computed in."""
+        """Offset, scale and clamp bounds in the dtype ``x`` is computed in.
+
+        Eagerly they are cached until a statistic changes (tensor version counters tell, without
+        a host sync), which saves a dozen small kernels per ``normalize`` call. Under
+        ``torch.compile`` and CUDA-graph capture they are always recomputed from the buffers, so
+        a replayed graph sees the statistics of the moment.
+        """
         dtype = x.dtype
         if not x.is_floating_point():
             dtype = torch.get_default_dtype()
         elif dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
+        if torch.compiler.is_compiling() or (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
+            return self._compute_affine(dtype)
+        key = (dtype, *((id(t), t._version) for t in (self.mean, self.var, self.count)))
+        if self._affine_cache is None or self._affine_cache[0] != key:
+            self._affine_cache = (key, self._compute_affine(dtype))
+        return self._affine_cache[1]
+
+    def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         seen = self.count > 0
         scale = torch.where(seen, torch.rsqrt(self.var + self.epsilon), 1.0)
         offset = torch.where(seen, self.mean, 0.0) if self.center else torch.zeros_like(self.mean)
         clip = math.inf if self.clip is None else self.clip
-        high = torch.where(seen, clip, math.inf).to(dtype)
+        high = torch.where(seen, clip, math.inf).to(dtype=dtype, device=self.mean.device)
         return offset.to(dtype), scale.to(dtype), -high, high
 
     def _check_input(self, x: Tensor, name: str = "x") -> None:
@@ -353,6 +371,18 @@ class RunningMeanStd(nn.Module):
             )
             self._agreed_shift = agree_shift(local, head_weight, self.process_group)
         return torch.where(self.count > 0, self.mean.reshape(-1), self._agreed_shift)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RunningMeanStd:
+        """Device moves apply; dtype casts (``.half()``, ``.float()``) keep float64 statistics."""
+
+        def move_only(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        # The buffers are replaced: drop what was derived from them.
+        self._affine_cache = None
+        self._agreed_shift = None
+        return super()._apply(move_only, recurse)
 
     def _load_from_state_dict(
         self,

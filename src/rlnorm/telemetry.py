@@ -55,20 +55,26 @@ def colorize(values: Tensor) -> Tensor:
 class DriftHeatmap:
     """Per-dimension drift over the last ``history`` logs, as an image a person reads at a glance.
 
-    Rows are feature dimensions, columns are logging steps (newest on the right); brightness is
-    ``|Δmean| / std`` since the previous log, on a log scale from 1e-3 (dark) to 10 (bright),
-    so a dimension that keeps moving shows as a bright row.
+    Rows are feature dimensions, columns are logging steps (newest on the right, columns not
+    yet logged in grey); brightness is ``|Δmean| / std`` since the previous log on a log scale
+    from 1e-3 (dark) to 10 (bright), so a dimension that keeps moving shows as a bright row and
+    a statistic that has settled fades to dark.
 
     Args:
-        history: number of logging steps kept.
+        history: number of logging steps shown.
         max_dims: dimensions shown (the first ones), to keep the image readable.
-        cell: pixels per cell.
+        width: image width in pixels (rounded to whole columns).
+        min_height: rows are made tall enough for the image to reach this height.
     """
 
-    def __init__(self, history: int = 64, max_dims: int = 64, cell: int = 6) -> None:
+    def __init__(
+        self, history: int = 64, max_dims: int = 64, width: int = 384, min_height: int = 128
+    ) -> None:
         self.columns: deque[Tensor] = deque(maxlen=history)
+        self.history = history
         self.max_dims = max_dims
-        self.cell = cell
+        self.cell_width = max(1, width // history)
+        self.min_height = min_height
 
     def add(self, per_dim: Tensor) -> None:
         """Append one column of per-dimension drift."""
@@ -79,6 +85,10 @@ class DriftHeatmap:
         if not self.columns:
             return None
         grid = torch.stack(list(self.columns), dim=1)  # (dims, steps)
-        scaled = (grid.clamp_min(1e-3).log10() + 3.0) / 4.0
-        img = colorize(scaled)
-        return img.repeat_interleave(self.cell, dim=1).repeat_interleave(self.cell, dim=2)
+        img = colorize((grid.clamp_min(1e-3).log10() + 3.0) / 4.0)
+        blank = self.history - grid.shape[1]
+        if blank:
+            grey = torch.full((3, grid.shape[0], blank), 48, dtype=torch.uint8)
+            img = torch.cat([grey, img], dim=2)
+        cell_height = max(1, -(-self.min_height // grid.shape[0]))
+        return img.repeat_interleave(cell_height, dim=1).repeat_interleave(self.cell_width, dim=2)
