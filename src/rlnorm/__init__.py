@@ -13,13 +13,20 @@ Example:
     torch.Size([8, 4])
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from rlnorm._version import __version__
-from rlnorm.callback import NormalizerCallback, get_normalizer
-from rlnorm.checkpoint import load_normalizers
 from rlnorm.moments import Moments
 from rlnorm.normalizers import NormalizerConfig, Normalizers
 from rlnorm.reward import RewardNormalizer
 from rlnorm.running_mean_std import RunningMeanStd
+
+if TYPE_CHECKING:
+    from rlnorm.callback import NormalizerCallback, get_normalizer
+    from rlnorm.checkpoint import load_normalizers
 
 __all__ = [
     "Moments",
@@ -32,3 +39,23 @@ __all__ = [
     "get_normalizer",
     "load_normalizers",
 ]
+
+# The Lightning-facing names import lightning, which takes seconds: only on first use, so that
+# code using the statistics alone (and every process it spawns) starts fast.
+_LAZY = {
+    "NormalizerCallback": "rlnorm.callback",
+    "get_normalizer": "rlnorm.callback",
+    "load_normalizers": "rlnorm.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rlnorm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

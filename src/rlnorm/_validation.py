@@ -42,8 +42,10 @@ def check_float(
     high_open: bool = False,
 ) -> float:
     """A finite real number inside the given bounds."""
-    if not _is_real_number(value) or not math.isfinite(value):
-        raise TypeError(f"`{name}` must be a finite number, got {value!r}.")
+    if not _is_real_number(value):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -14,6 +15,7 @@ from typing_extensions import override
 
 from rlnorm import _validation as check
 from rlnorm._version import __version__
+from rlnorm.distributed import is_distributed
 from rlnorm.drift import IntervalMetrics, batch_shift, drift, per_dim_drift, summary
 from rlnorm.moments import Moments
 from rlnorm.normalizers import NormalizerConfig, Normalizers, Observation, Shape
@@ -318,8 +320,11 @@ class NormalizerCallback(Callback):
         batch_idx: int,
     ) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        loop = trainer.fit_loop.epoch_loop
+        step = loop._batches_that_stepped
         if not trainer.loggers or every <= 0 or (step + 1) % every != 0:
+            return
+        if loop._should_accumulate():  # log once per optimizer step, as Lightning does
             return
         self._log(trainer, step)
 
@@ -355,6 +360,7 @@ class NormalizerCallback(Callback):
             "obs_shapes": {key: list(shape) for key, shape in norms.obs_shapes.items()},
             "num_envs": None if norms.reward is None else norms.reward.num_envs,
             "normalizers": {k: v.detach().clone() for k, v in norms.state_dict().items()},
+            "reward_returns_by_rank": _gather_returns(norms),
             "last_logged": {tag: m._asdict() for tag, m in self._last_logged.items()},
         }
 
@@ -362,6 +368,7 @@ class NormalizerCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._normalizers is None:
             self._normalizers = Normalizers(self.config, device=self.device)
+        state_dict = _with_own_returns(state_dict)
         restore_normalizers(self._normalizers, state_dict, where=f"state of {self.state_key}")
         saved = state_dict.get("config", {})
         changed = {
@@ -545,6 +552,45 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
     raise LookupError(f"Several NormalizerCallbacks are attached ({names}); pass `name=`.")
 
 
+def _gather_returns(norms: Normalizers) -> list[Tensor] | None:
+    """Every rank's per-environment returns (they differ by rank; the statistics do not).
+
+    ``state_dict`` runs on every rank when Lightning saves a checkpoint, so this collective
+    is matched on all of them.
+    """
+    if norms.reward is None:
+        return None
+    returns = norms.reward.returns.detach().cpu().clone()
+    if not norms.config.sync or not is_distributed():
+        return [returns]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, returns)
+    return gathered
+
+
+def _with_own_returns(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with this rank's returns in place of rank 0's."""
+    state = dict(state)
+    by_rank = state.get("reward_returns_by_rank")
+    if not by_rank:
+        return state
+    rank = dist.get_rank() if is_distributed() else 0
+    if rank < len(by_rank) and isinstance(by_rank[rank], Tensor):
+        mine = by_rank[rank]
+    else:
+        rank_zero_warn(
+            f"The checkpoint holds reward returns of {len(by_rank)} rank(s); rank {rank} has "
+            "none and starts its environments' returns at 0.",
+            category=UserWarning,
+        )
+        mine = torch.zeros_like(by_rank[0])
+    tensors = dict(state["normalizers"])
+    tensors["reward.returns"] = mine
+    state["normalizers"] = tensors
+    state["num_envs"] = int(mine.numel())
+    return state
+
+
 def _clone(moments: Moments) -> Moments:
     return Moments(*(t.detach().clone() for t in moments))
 
@@ -569,9 +615,11 @@ def _set(batch: Any, key: BatchKey, value: Any) -> None:
         batch[key] = value
         return
     target = batch[key]
-    if isinstance(target, Tensor) and isinstance(value, Tensor) and target.dtype == value.dtype:
-        # Tuples cannot take a new entry: overwrite the tensor itself.
-        target.copy_(value)
+    if isinstance(target, Tensor) and isinstance(value, Tensor):
+        # Tuples cannot take a new entry. Re-point the tensor object at the normalized data
+        # instead of writing into it: it may be a view of the dataset's own storage, which
+        # must stay raw for the next epoch.
+        target.data = value
         return
     raise TypeError(
         f"Cannot write normalized batch entry {key!r} into a {type(batch).__name__} holding "

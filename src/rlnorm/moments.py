@@ -202,7 +202,8 @@ def batch_moments(sums: ShiftedSums) -> Moments:
     """
     w = sums.weight.clamp_min(torch.finfo(torch.float64).tiny)
     offset = sums.sum / w
-    var = (sums.sum_sq / w - offset * offset).clamp_min(0.0)
+    # Finite values whose squares sum past float64's range still give a finite (huge) variance.
+    var = (sums.sum_sq / w - offset * offset).clamp(0.0, torch.finfo(torch.float64).max)
     return Moments(sums.weight, sums.count, sums.shift + offset, var)
 
 
@@ -216,6 +217,7 @@ def _mix(a: Moments, b: Moments, weight_a: Tensor, weight_b: Tensor, count: Tens
     delta = b.mean - a.mean
     mean = a.mean + delta * frac_b
     var = frac_a * a.var + frac_b * b.var + (frac_a * frac_b) * (delta * delta)
+    var = var.clamp_max(torch.finfo(torch.float64).max)
     return Moments(
         weight=total,
         count=count,
@@ -275,8 +277,10 @@ def merge_ema(
     Returns:
         The updated :class:`Moments`; ``count`` keeps counting samples.
     """
-    has_data = (b.weight > 0).to(torch.float64)
-    out = _mix(a, b, momentum * a.weight, (1.0 - momentum) * has_data, a.count + b.count)
+    has_data = b.weight > 0
+    # Without data the past keeps its full weight: an empty batch changes nothing.
+    weight_a = torch.where(has_data, momentum * a.weight, a.weight)
+    out = _mix(a, b, weight_a, (1.0 - momentum) * has_data.to(torch.float64), a.count + b.count)
     if var_floor is not None:
         gap = b.mean - out.mean
         floor = var_floor * (b.var + gap * gap)

@@ -88,6 +88,9 @@ class NormalizerConfig:
             check.check_positive_int("num_envs", self.num_envs)
         if not isinstance(self.reward, bool):
             raise TypeError(f"`reward` must be a bool, got {self.reward!r}.")
+        if self.reward_clip is not None:
+            check.check_float("reward_clip", self.reward_clip, low=0.0, low_open=True)
+        check.check_choice("reward_mode", self.reward_mode, ("return", "reward"))
         # Building throwaway normalizers runs their own argument checks, messages included.
         self.make_obs(())
         self.make_reward(1)

@@ -158,10 +158,12 @@ class RewardNormalizer(nn.Module):
         Returns:
             Scaled and clipped rewards in ``rewards``' dtype.
         """
+        self.stats._check_input(rewards, name="rewards")
         return self.stats.normalize(rewards)
 
     def denormalize(self, rewards: Tensor) -> Tensor:
         """Inverse of :meth:`normalize` where not clipped."""
+        self.stats._check_input(rewards, name="rewards")
         return self.stats.denormalize(rewards)
 
     def forward(self, rewards: Tensor) -> Tensor:

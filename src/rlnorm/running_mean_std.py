@@ -194,15 +194,12 @@ class RunningMeanStd(nn.Module):
                 f"{tuple(x.shape)}) and nonfinite='raise'; the statistics were not changed."
             )
         batch = batch_moments(sums)
+        state = Moments(self.weight_sum, self.count, self.mean.reshape(-1), self.var.reshape(-1))
         if self.momentum is None:
-            new = merge(self.moments, batch)
+            new = merge(state, batch)
         else:
-            new = merge_ema(self.moments, batch, self.momentum, self.var_floor)
-        self.mean.copy_(new.mean.reshape(self.shape))
-        self.var.copy_(new.var.reshape(self.shape))
-        self.count.copy_(new.count)
-        self.weight_sum.copy_(new.weight)
-        self.nonfinite_count.add_(sums.nonfinite)
+            new = merge_ema(state, batch, self.momentum, self.var_floor)
+        self._store(new, self.nonfinite_count + sums.nonfinite)
         # Built explicitly: some torch.compile versions cannot return `NamedTuple._replace`.
         return Moments(
             batch.weight, batch.count, batch.mean.reshape(self.shape), batch.var.reshape(self.shape)
@@ -231,22 +228,28 @@ class RunningMeanStd(nn.Module):
                 f"`other` is on {other.mean.device} but this normalizer is on {self.mean.device}."
             )
         new = merge(self.moments, other.moments)
-        self.mean.copy_(new.mean)
-        self.var.copy_(new.var)
-        self.count.copy_(new.count)
-        self.weight_sum.copy_(new.weight)
-        self.nonfinite_count.add_(other.nonfinite_count)
+        self._store(new, self.nonfinite_count + other.nonfinite_count)
         return self
+
+    def _store(self, new: Moments, nonfinite_count: Tensor) -> None:
+        """Write a new state into the buffers, in place (CUDA graphs keep their addresses).
+
+        Writes go through 1-D views: torch.compile on the CPU drops in-place writes to 0-d
+        float64 buffers (seen with torch 2.11 and 2.13), and 1-D views of them are written.
+        """
+        for buffer, value in (
+            (self.mean, new.mean),
+            (self.var, new.var),
+            (self.count, new.count),
+            (self.weight_sum, new.weight),
+            (self.nonfinite_count, nonfinite_count),
+        ):
+            buffer.view(-1).copy_(value.reshape(-1))
 
     @torch.no_grad()
     def reset(self) -> None:
         """Forget all data: back to count 0, mean 0, variance 1."""
-        state = empty_moments(self.shape, device=self.mean.device)
-        self.mean.copy_(state.mean)
-        self.var.copy_(state.var)
-        self.count.zero_()
-        self.weight_sum.zero_()
-        self.nonfinite_count.zero_()
+        self._store(empty_moments(self.shape, device=self.mean.device), self.nonfinite_count * 0)
         self._agreed_shift = None
 
     # ------------------------------------------------------------------ normalizing
@@ -299,21 +302,27 @@ class RunningMeanStd(nn.Module):
     def _affine(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Offset, scale and clamp bounds in the dtype ``x`` is computed in.
 
-        Eagerly they are cached until a statistic changes (tensor version counters tell, without
-        a host sync), which saves a dozen small kernels per ``normalize`` call. Under
-        ``torch.compile`` and CUDA-graph capture they are always recomputed from the buffers, so
-        a replayed graph sees the statistics of the moment.
+        On the CPU they are cached until a statistic or setting changes (tensor version counters
+        tell), which saves a dozen small kernels per ``normalize`` call. Under ``torch.compile``
+        and on accelerators they are recomputed from the buffers each call, so CUDA graphs and
+        their replays always see the statistics of the moment.
         """
         dtype = x.dtype
         if not x.is_floating_point():
             dtype = torch.get_default_dtype()
         elif dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
-        if torch.compiler.is_compiling() or (
-            x.is_cuda and torch.cuda.is_current_stream_capturing()
-        ):
+        if torch.compiler.is_compiling() or self.mean.device.type != "cpu":
+            # CUDA-graph replays write the buffers without bumping their version counters, so
+            # accelerators always read the statistics afresh.
             return self._compute_affine(dtype)
-        key = (dtype, *((id(t), t._version) for t in (self.mean, self.var, self.count)))
+        key = (
+            dtype,
+            self.clip,
+            self.epsilon,
+            self.center,
+            *((id(t), t._version) for t in (self.mean, self.var, self.count)),
+        )
         if self._affine_cache is None or self._affine_cache[0] != key:
             self._affine_cache = (key, self._compute_affine(dtype))
         return self._affine_cache[1]
@@ -324,6 +333,8 @@ class RunningMeanStd(nn.Module):
         offset = torch.where(seen, self.mean, 0.0) if self.center else torch.zeros_like(self.mean)
         clip = math.inf if self.clip is None else self.clip
         high = torch.where(seen, clip, math.inf).to(dtype=dtype, device=self.mean.device)
+        # Bounds of the feature shape: clamp with 0-d tensor bounds is ~10x slower on the CPU.
+        high = high.expand(self.mean.shape).contiguous()
         return offset.to(dtype), scale.to(dtype), -high, high
 
     def _check_input(self, x: Tensor, name: str = "x") -> None:

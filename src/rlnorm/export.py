@@ -1,0 +1,153 @@
+"""Frozen, standalone normalizers for deployment: ``torch.export`` files that need no rlnorm.
+
+An exported file is a ``torch.export`` program (``.pt2``): ``torch.export.load(path).module()``
+gives a callable module on any machine with torch, without rlnorm installed. It takes a batch
+``(batch, *shape)`` (any batch size, 0 included) of float32 observations.
+
+Example:
+    >>> import torch
+    >>> from rlnorm import RunningMeanStd
+    >>> from rlnorm.export import FrozenNormalizer
+    >>> rms = RunningMeanStd(2)
+    >>> _ = rms.update(torch.tensor([[0.0, 10.0], [2.0, 30.0]]))
+    >>> frozen = FrozenNormalizer.from_running(rms)
+    >>> frozen(torch.tensor([[1.0, 30.0]])).round(decimals=4).tolist()
+    [[0.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from rlnorm.normalizers import Normalizers
+from rlnorm.running_mean_std import RunningMeanStd
+
+__all__ = [
+    "DictNormalizer",
+    "FrozenNormalizer",
+    "export_module",
+    "export_observation_normalizer",
+    "fold_into_linear",
+]
+
+
+class FrozenNormalizer(nn.Module):
+    """``clamp((obs - offset) * scale, -clip, clip)`` with fixed float32 constants.
+
+    Args:
+        offset: subtracted first (the running mean, or zeros for scale-only normalizers).
+        scale: ``1 / sqrt(var + epsilon)``.
+        clip: clamp bound; ``math.inf`` for none.
+    """
+
+    def __init__(self, offset: Tensor, scale: Tensor, clip: float) -> None:
+        super().__init__()
+        self.register_buffer("offset", offset.detach().to(torch.float32).clone())
+        self.register_buffer("scale", scale.detach().to(torch.float32).clone())
+        self.clip = float(clip)
+
+    @classmethod
+    def from_running(cls, rms: RunningMeanStd) -> FrozenNormalizer:
+        """Freeze a :class:`~rlnorm.RunningMeanStd` as it is now (identity before any data)."""
+        seen = bool(rms.count > 0)
+        offset = rms.mean if (seen and rms.center) else torch.zeros_like(rms.mean)
+        scale = torch.rsqrt(rms.var + rms.epsilon) if seen else torch.ones_like(rms.var)
+        clip = rms.clip if (seen and rms.clip is not None) else math.inf
+        return cls(offset.cpu(), scale.cpu(), clip)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Normalize ``obs`` of shape ``(*batch, *shape)``."""
+        y = (obs.to(torch.float32) - self.offset) * self.scale
+        return y.clamp(-self.clip, self.clip)
+
+
+class DictNormalizer(nn.Module):
+    """Frozen normalizers of dict observations; keys without a normalizer pass through."""
+
+    def __init__(self, normalizers: dict[str, FrozenNormalizer]) -> None:
+        super().__init__()
+        self.normalizers = nn.ModuleDict(normalizers)
+
+    def forward(self, obs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Normalize each entry that has a normalizer."""
+        out: dict[str, Tensor] = {}
+        for key, value in obs.items():
+            out[key] = value
+        for key, norm in self.normalizers.items():
+            out[key] = norm(obs[key])
+        return out
+
+
+def export_module(
+    module: nn.Module, example: Tensor | dict[str, Tensor], path: str | os.PathLike[str]
+) -> None:
+    """Save ``module`` as a ``torch.export`` program with a dynamic leading batch dim.
+
+    Args:
+        module: the module to export (put in eval mode).
+        example: an example input of shape ``(batch, *shape)``, or a dict of them.
+        path: file to write (``.pt2`` by convention).
+    """
+    batch = {0: torch.export.Dim.DYNAMIC}
+    dynamic = {k: batch for k in example} if isinstance(example, dict) else batch
+    program = torch.export.export(module.eval(), (example,), dynamic_shapes=(dynamic,))
+    torch.export.save(program, os.fspath(path))
+
+
+def export_observation_normalizer(norms: Normalizers, path: str | os.PathLike[str]) -> nn.Module:
+    """Write the frozen observation normalizer(s) to ``path`` (see the module docstring).
+
+    Args:
+        norms: normalizers, e.g. from :func:`rlnorm.load_normalizers`.
+        path: file to write.
+
+    Returns:
+        The frozen module that was exported.
+
+    Raises:
+        ValueError: there is no observation normalizer yet (no data was ever seen).
+    """
+    if not norms.obs:
+        raise ValueError("There is no observation normalizer to export (no data was seen).")
+    frozen = {key: FrozenNormalizer.from_running(rms) for key, rms in norms.obs.items()}
+    examples = {key: torch.zeros(2, *rms.shape) for key, rms in norms.obs.items()}
+    if norms.dict_obs:
+        module: nn.Module = DictNormalizer(frozen)
+        export_module(module, examples, path)
+    else:
+        module = next(iter(frozen.values()))
+        export_module(module, next(iter(examples.values())), path)
+    return module
+
+
+@torch.no_grad()
+def fold_into_linear(linear: nn.Linear, rms: RunningMeanStd) -> nn.Linear:
+    """A copy of ``linear`` that takes raw observations: ``linear(normalize(x))`` without clipping.
+
+    ``W' = W * scale`` and ``b' = b - W' @ offset``. Clipping cannot be folded into a linear
+    layer: the result equals the original wherever no observation would have been clipped.
+
+    Args:
+        linear: the policy's first layer, fed normalized observations.
+        rms: the observation normalizer (1-D ``shape`` matching ``linear.in_features``).
+
+    Returns:
+        A new ``nn.Linear``.
+    """
+    frozen = FrozenNormalizer.from_running(rms)
+    if frozen.scale.shape != (linear.in_features,):
+        raise ValueError(
+            f"`rms` has shape {tuple(frozen.scale.shape)} but `linear` takes "
+            f"{linear.in_features} features."
+        )
+    scale = frozen.scale.to(linear.weight)
+    offset = frozen.offset.to(linear.weight)
+    folded = nn.Linear(linear.in_features, linear.out_features, bias=True).to(linear.weight)
+    folded.weight.copy_(linear.weight * scale)
+    bias = linear.bias if linear.bias is not None else torch.zeros_like(folded.bias)
+    folded.bias.copy_(bias - folded.weight @ offset)
+    return folded
