@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "export":
             return export_command(rest)
         if command in ("fit", "validate"):
-            run_lightning_cli(args)
+            # From the shell LightningCLI reads sys.argv itself; from Python it gets `argv`.
+            run_lightning_cli(None if argv is None else args)
             return 0
         raise UsageError(f"unknown command {command!r}; choose from fit, validate, inspect, export")
     except (UsageError, FileNotFoundError, ValueError, LookupError, TypeError) as err:
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- fit
 
 
-def run_lightning_cli(args: list[str]) -> None:
+def run_lightning_cli(args: list[str] | None) -> None:
     """Run ``LightningCLI`` on the reference PPO with the project's defaults."""
     from jsonargparse import ArgumentError
     from lightning.pytorch.callbacks import ModelCheckpoint
