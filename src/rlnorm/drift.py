@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -84,45 +85,57 @@ class IntervalMetrics:
     - ``batch_shift``: the largest :func:`batch_shift` of any update in the interval;
     - ``clip_fraction``: share of normalized values at ``±clip`` over all normalize calls.
 
+    Each call only folds its figure into a running max or sum (one or two small tensor ops on
+    the hot path); at the end of the interval the partial aggregates go through torchmetrics,
+    whose ``compute`` reduces them over all ranks.
+
     Args:
         device: where the metric states live (the normalizer's device).
     """
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.batch_shift = MaxMetric(nan_strategy="ignore").to(device)
         self.clip_fraction = MeanMetric(nan_strategy="ignore").to(device)
+        self._reset_partials()
+
+    def _reset_partials(self) -> None:
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self._shift_max = torch.full((), -math.inf, **f64)
+        self._clipped = torch.zeros((), **f64)
+        self._values = torch.zeros((), **f64)
 
     def update_shift(self, value: Tensor) -> None:
         """Record one update's batch shift."""
-        self.batch_shift.update(value.to(torch.float32))
+        self._shift_max = torch.fmax(
+            self._shift_max, value.detach().to(torch.float64)
+        )  # NaN-ignoring
 
     def update_clipped(self, normalized: Tensor, clip: float) -> None:
         """Record which values of one ``normalize`` output sit at the clamp bound."""
-        if normalized.numel() == 0:
-            return
-        clipped = (normalized.detach().abs() >= clip).to(torch.float32)
-        self.clip_fraction.update(clipped.mean(), weight=clipped.numel())
+        self._clipped += (normalized.detach().abs() >= clip).sum()
+        self._values += normalized.numel()
 
     def compute_and_reset(self) -> dict[str, Tensor]:
         """Interval figures, reduced over ranks (a collective: call it on every rank).
 
         Figures without data in the interval on any rank come back as NaN; callers skip them.
         """
+        nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
+        self.batch_shift.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
+        fraction = self._clipped / self._values.clamp_min(1.0)
+        self.clip_fraction.update(
+            torch.where(self._values > 0, fraction, nan), weight=self._values.clamp_min(1.0)
+        )
         with warnings.catch_warnings():
-            # An interval without updates is normal (e.g. frozen statistics).
-            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            # A rank whose interval had no data contributes NaN, which the metrics ignore.
             warnings.filterwarnings("ignore", message=".*Encountered.*nan.*")
-            out = {
-                "batch_shift": self._compute(self.batch_shift),
-                "clip_fraction": self._compute(self.clip_fraction),
-            }
+            shift = self.batch_shift.compute()
+            clip_fraction = self.clip_fraction.compute()
         self.batch_shift.reset()
         self.clip_fraction.reset()
-        return out
-
-    @staticmethod
-    def _compute(metric: MaxMetric | MeanMetric) -> Tensor:
-        value = metric.compute()
-        if isinstance(metric, MaxMetric):
-            return torch.where(torch.isinf(value), torch.nan, value)
-        return value
+        self._reset_partials()
+        return {
+            "batch_shift": torch.where(torch.isinf(shift), torch.nan, shift),
+            "clip_fraction": clip_fraction,
+        }

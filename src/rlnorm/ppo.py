@@ -3,10 +3,11 @@
 Read it top to bottom: ``training_step`` collects one rollout from a gymnasium vector
 environment, scales its rewards, computes GAE advantages and runs the clipped PPO update.
 Observation and reward normalization are done exactly as the README tells users to: one
-``rlnorm.get_normalizer(self)`` lookup, ``update_obs`` once per collected transition,
-``normalize_obs`` before the policy sees an observation, and ``normalize_rewards`` before the
-advantages are computed. Without a ``NormalizerCallback`` the trainer runs on raw values,
-which is how the benchmark measures what normalization brings.
+``rlnorm.get_normalizer(self)`` lookup, ``normalize_obs`` before the policy sees an
+observation, ``update_obs`` once per collected transition (here once per rollout, with all of
+its observations) and ``normalize_rewards`` before the advantages are computed. Without a
+``NormalizerCallback`` the trainer runs on raw values, which is how the benchmark measures
+what normalization brings.
 
 Example:
     >>> import lightning as L  # noqa: N812 - the conventional alias
@@ -233,12 +234,10 @@ class PPO(L.LightningModule):
         logits = self.actor(obs)
         return logits if self.continuous else logits.argmax(-1)
 
-    def observe(self, raw_obs: Tensor, learn: bool) -> Tensor:
-        """What the policy sees: observations normalized (and learned from, if ``learn``)."""
+    def observe(self, raw_obs: Tensor) -> Tensor:
+        """What the policy sees: observations normalized with the current statistics."""
         if self.normalizer is None:
             return raw_obs
-        if learn:
-            self.normalizer.update_obs(raw_obs)
         return self.normalizer.normalize_obs(raw_obs)
 
     # ------------------------------------------------------------------ rollout
@@ -249,15 +248,17 @@ class PPO(L.LightningModule):
         assert self.envs is not None
         hp = self.hparams
         shape = (hp.num_steps, hp.num_envs)
-        obs_buf, actions, logprobs, values = [], [], [], []
+        raw_buf, obs_buf, actions, logprobs, values = [], [], [], [], []
         raw_rewards = torch.zeros(shape)
         ended = torch.zeros(shape, dtype=torch.bool)
         bootstrap = torch.zeros(shape)  # value of the last observation of truncated episodes
 
-        obs = self.observe(self._obs.to(self.device), learn=True)
+        raw_obs = self._obs.to(self.device)
+        obs = self.observe(raw_obs)
         for t in range(hp.num_steps):
             dist = self.distribution(obs)
             action = dist.sample()
+            raw_buf.append(raw_obs)
             obs_buf.append(obs)
             actions.append(action)
             logprobs.append(self.log_prob(dist, action))
@@ -272,14 +273,20 @@ class PPO(L.LightningModule):
             only_truncated = truncated & ~terminated
             if only_truncated.any():
                 final = np.stack([info["final_obs"][i] for i in np.flatnonzero(only_truncated)])
-                final_obs = self.observe(torch.as_tensor(final, device=self.device), learn=False)
+                final_obs = self.observe(torch.as_tensor(final, device=self.device))
                 bootstrap[t, torch.as_tensor(only_truncated)] = (
                     self.critic(final_obs).squeeze(-1).float().cpu()
                 )
             self._record_episodes(info)
             self._obs = torch.as_tensor(next_obs, dtype=torch.float32)
-            obs = self.observe(self._obs.to(self.device), learn=True)
+            raw_obs = self._obs.to(self.device)
+            obs = self.observe(raw_obs)
         next_value = self.critic(obs).squeeze(-1)
+
+        # Learn the statistics from this rollout's observations, each once, in one update:
+        # the policy acted on statistics that stay fixed within a rollout.
+        if self.normalizer is not None:
+            self.normalizer.update_obs(torch.stack(raw_buf))
 
         rewards = raw_rewards.to(self.device)
         if self.normalizer is not None and self.normalizer.config.reward:
