@@ -85,7 +85,7 @@ def test_ranks_fed_uneven_data(ddp_run: dict) -> None:
 def test_ranks_hold_bitwise_identical_statistics(ddp_run: dict) -> None:
     first, second = (r["state"] for r in ddp_run["ranks"])
     shared = [k for k in first if k.startswith(("obs.", "reward.stats."))]
-    assert len(shared) == 10
+    assert len(shared) == 12  # 6 buffers of each RunningMeanStd
     for key in shared:
         assert first[key].dtype == second[key].dtype
         assert torch.equal(first[key], second[key]), f"{key}: {first[key]} != {second[key]}"

@@ -592,11 +592,11 @@ def _with_own_returns(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _clone(moments: Moments) -> Moments:
-    return Moments(*(t.detach().clone() for t in moments))
+    return Moments(*(None if t is None else t.detach().clone() for t in moments))
 
 
 def _to(moments: Moments, device: torch.device | None) -> Moments:
-    return Moments(*(t.to(device) for t in moments))
+    return Moments(*(None if t is None else t.to(device) for t in moments))
 
 
 def _get(batch: Any, key: BatchKey) -> Any:

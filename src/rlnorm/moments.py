@@ -37,7 +37,9 @@ __all__ = [
     "empty_moments",
     "merge",
     "merge_ema",
+    "residual",
     "shifted_sums",
+    "two_sum",
 ]
 
 #: Elements per chunk of the batch converted to float64 at a time on the CPU. Small enough to
@@ -65,6 +67,10 @@ class Moments(NamedTuple):
     count: Tensor
     mean: Tensor
     var: Tensor
+    #: Rounding error of ``mean`` (``None``: zero): the exact mean is ``mean + mean_residual``.
+    #: Carrying it keeps the mean's low digits when the data sit far from zero relative to
+    #: their spread, so merges stay exact to float64 precision relative to the std.
+    mean_residual: Tensor | None = None
 
 
 class ShiftedSums(NamedTuple):
@@ -103,6 +109,7 @@ def empty_moments(shape: tuple[int, ...], device: torch.device | str | None = No
         count=torch.zeros((), dtype=torch.int64, device=device),
         mean=torch.zeros(shape, **f64),
         var=torch.ones(shape, **f64),
+        mean_residual=torch.zeros(shape, **f64),
     )
 
 
@@ -204,7 +211,20 @@ def batch_moments(sums: ShiftedSums) -> Moments:
     offset = sums.sum / w
     # Finite values whose squares sum past float64's range still give a finite (huge) variance.
     var = (sums.sum_sq / w - offset * offset).clamp(0.0, torch.finfo(torch.float64).max)
-    return Moments(sums.weight, sums.count, sums.shift + offset, var)
+    mean, residual = two_sum(sums.shift, offset)
+    return Moments(sums.weight, sums.count, mean, var, residual)
+
+
+def two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a + b`` as ``(s, e)`` with ``s = fl(a + b)`` and ``s + e == a + b`` exactly (Knuth)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def residual(m: Moments) -> Tensor:
+    """``m.mean_residual``, zeros when absent."""
+    return torch.zeros_like(m.mean) if m.mean_residual is None else m.mean_residual
 
 
 def _mix(a: Moments, b: Moments, weight_a: Tensor, weight_b: Tensor, count: Tensor) -> Moments:
@@ -214,8 +234,14 @@ def _mix(a: Moments, b: Moments, weight_a: Tensor, weight_b: Tensor, count: Tens
     safe_total = torch.where(has_weight, total, torch.ones_like(total))
     frac_a = weight_a / safe_total
     frac_b = weight_b / safe_total
-    delta = b.mean - a.mean
-    mean = a.mean + delta * frac_b
+    res_a, res_b = residual(a), residual(b)
+    # Means as compensated pairs: the difference and the new mean keep float64 precision
+    # relative to the spread of the data, however far the data sit from zero.
+    delta_hi, delta_lo = two_sum(b.mean, -a.mean)
+    delta_lo = delta_lo + (res_b - res_a)
+    delta = delta_hi + delta_lo
+    hi, lo = two_sum(a.mean, frac_b * delta_hi)
+    mean, mean_residual = two_sum(hi, lo + frac_b * delta_lo + res_a)
     var = frac_a * a.var + frac_b * b.var + (frac_a * frac_b) * (delta * delta)
     var = var.clamp_max(torch.finfo(torch.float64).max)
     return Moments(
@@ -223,6 +249,7 @@ def _mix(a: Moments, b: Moments, weight_a: Tensor, weight_b: Tensor, count: Tens
         count=count,
         mean=torch.where(has_weight, mean, a.mean),
         var=torch.where(has_weight, var, a.var),
+        mean_residual=torch.where(has_weight, mean_residual, res_a),
     )
 
 
@@ -230,7 +257,8 @@ def merge(a: Moments, b: Moments) -> Moments:
     """Exact parallel merge (Chan et al.) of two sets of moments.
 
     The result is the mean and population variance of the union of both sample sets:
-    ``mean = mean_a + delta * w_b / w`` and
+    ``mean = mean_a + delta * w_b / w`` (carried as a compensated pair, see
+    :attr:`Moments.mean_residual`) and
     ``var = (w_a var_a + w_b var_b) / w + w_a w_b delta**2 / w**2`` with
     ``delta = mean_b - mean_a``. Merging with an empty set returns the other unchanged.
 
@@ -285,5 +313,5 @@ def merge_ema(
         gap = b.mean - out.mean
         floor = var_floor * (b.var + gap * gap)
         var = torch.where(b.weight > 0, torch.maximum(out.var, floor), out.var)
-        out = Moments(out.weight, out.count, out.mean, var)
+        out = Moments(out.weight, out.count, out.mean, var, out.mean_residual)
     return out

@@ -19,12 +19,13 @@ from rlnorm.moments import (
     empty_moments,
     merge,
     merge_ema,
+    residual,
     shifted_sums,
 )
 
 __all__ = ["RunningMeanStd"]
 
-_STATE_KEYS = ("mean", "var", "count", "weight_sum", "nonfinite_count")
+_STATE_KEYS = ("mean", "var", "count", "weight_sum", "nonfinite_count", "mean_residual")
 
 
 class RunningMeanStd(nn.Module):
@@ -139,6 +140,8 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("count", state.count)
         self.register_buffer("weight_sum", state.weight)
         self.register_buffer("nonfinite_count", torch.zeros((), dtype=torch.int64, device=device))
+        # The exact mean is `mean + mean_residual` (see `Moments.mean_residual`).
+        self.register_buffer("mean_residual", state.mean_residual)
         # Shift agreed across ranks before the first synchronised update (see `_shift`).
         self._agreed_shift: Tensor | None = None
         self._affine_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
@@ -153,7 +156,7 @@ class RunningMeanStd(nn.Module):
     @property
     def moments(self) -> Moments:
         """The current state as plain :class:`~rlnorm.moments.Moments` (live tensors)."""
-        return Moments(self.weight_sum, self.count, self.mean, self.var)
+        return Moments(self.weight_sum, self.count, self.mean, self.var, self.mean_residual)
 
     @property
     def numel(self) -> int:
@@ -194,7 +197,7 @@ class RunningMeanStd(nn.Module):
                 f"{tuple(x.shape)}) and nonfinite='raise'; the statistics were not changed."
             )
         batch = batch_moments(sums)
-        state = Moments(self.weight_sum, self.count, self.mean.reshape(-1), self.var.reshape(-1))
+        state = Moments(*(t.reshape(-1) for t in self.moments))
         if self.momentum is None:
             new = merge(state, batch)
         else:
@@ -202,7 +205,11 @@ class RunningMeanStd(nn.Module):
         self._store(new, self.nonfinite_count + sums.nonfinite)
         # Built explicitly: some torch.compile versions cannot return `NamedTuple._replace`.
         return Moments(
-            batch.weight, batch.count, batch.mean.reshape(self.shape), batch.var.reshape(self.shape)
+            batch.weight,
+            batch.count,
+            batch.mean.reshape(self.shape),
+            batch.var.reshape(self.shape),
+            residual(batch).reshape(self.shape),
         )
 
     @torch.no_grad()
@@ -243,6 +250,7 @@ class RunningMeanStd(nn.Module):
             (self.count, new.count),
             (self.weight_sum, new.weight),
             (self.nonfinite_count, nonfinite_count),
+            (self.mean_residual, residual(new)),
         ):
             buffer.view(-1).copy_(value.reshape(-1))
 
@@ -417,6 +425,8 @@ class RunningMeanStd(nn.Module):
             state_dict[prefix + "weight_sum"] = state_dict[prefix + "count"].to(torch.float64)
         if prefix + "count" in state_dict and prefix + "nonfinite_count" not in state_dict:
             state_dict[prefix + "nonfinite_count"] = torch.zeros((), dtype=torch.int64)
+        if prefix + "mean" in state_dict and prefix + "mean_residual" not in state_dict:
+            state_dict[prefix + "mean_residual"] = torch.zeros_like(state_dict[prefix + "mean"])
         for key in _STATE_KEYS:
             value = state_dict.get(prefix + key)
             finite_or_int = (
