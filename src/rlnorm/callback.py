@@ -18,7 +18,7 @@ from rlnorm._version import __version__
 from rlnorm.distributed import is_distributed
 from rlnorm.drift import IntervalMetrics, batch_shift, drift, per_dim_drift, summary
 from rlnorm.moments import Moments
-from rlnorm.normalizers import NormalizerConfig, Normalizers, Observation, Shape
+from rlnorm.normalizers import TENSOR_KEY, NormalizerConfig, Normalizers, Observation, Shape
 from rlnorm.telemetry import DriftHeatmap, tensorboard_writers
 
 __all__ = ["SCHEMA_VERSION", "NormalizerCallback", "get_normalizer"]
@@ -208,11 +208,9 @@ class NormalizerCallback(Callback):
         """
         norms = self._sync_frozen()
         batches = norms.update_obs(obs, mask)
-        for tag, batch in batches.items():
-            tag = "obs" if not norms.dict_obs else f"obs/{tag}"
-            self._metrics(tag).update_shift(
-                batch_shift(batch, norms.named_normalizers()[tag].moments)
-            )
+        for key, batch in batches.items():
+            metrics = self._metrics(norms.obs_tag(key))
+            metrics.update_shift(batch_shift(batch, norms.obs[key].moments))
 
     def normalize_obs(self, obs: Observation) -> Observation:
         """Normalize observations with the current statistics (never updates them).
@@ -227,12 +225,10 @@ class NormalizerCallback(Callback):
         out = norms.normalize_obs(obs)
         clip = self.config.clip
         if clip is not None and self.updates_enabled:
-            if isinstance(out, Mapping):
-                for key, value in out.items():
-                    if key in norms.obs:
-                        self._metrics(f"obs/{key}").update_clipped(value, clip)
-            else:
-                self._metrics("obs").update_clipped(out, clip)
+            outputs = out.items() if isinstance(out, Mapping) else [(TENSOR_KEY, out)]
+            for key, value in outputs:
+                if key in norms.obs:
+                    self._metrics(norms.obs_tag(key)).update_clipped(value, clip)
         return out
 
     def denormalize_obs(self, obs: Observation) -> Observation:

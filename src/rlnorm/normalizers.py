@@ -281,11 +281,13 @@ class Normalizers(nn.Module):
         self.frozen = False
         return self
 
+    def obs_tag(self, key: str) -> str:
+        """Telemetry name of an observation normalizer: ``obs``, or ``obs/<key>`` for dicts."""
+        return f"obs/{key}" if self.dict_obs else "obs"
+
     def named_normalizers(self) -> dict[str, RunningMeanStd]:
         """Every running statistic by its telemetry name: ``obs``, ``obs/<key>``, ``reward``."""
-        out: dict[str, RunningMeanStd] = {}
-        for key, norm in self.obs.items():
-            out["obs" if not self.dict_obs else f"obs/{key}"] = norm
+        out: dict[str, RunningMeanStd] = {self.obs_tag(key): norm for key, norm in self.obs.items()}
         if self.reward is not None:
             out["reward"] = self.reward.stats
         return out
