@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,18 +29,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-    ) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"Cannot read checkpoint {str(path)!r}: it is not a PyTorch checkpoint, or it holds "
+            "objects other than tensors and plain containers (rlnorm reads checkpoints with "
+            "weights_only=True and never runs pickled code)."
+        ) from None
+    except Exception as err:  # torch raises many types for damaged files (OSError, KeyError...)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"Cannot read checkpoint {str(path)!r}: it is truncated, corrupted or not a "
-            f"PyTorch checkpoint ({first_line})."
+            f"PyTorch checkpoint ({type(err).__name__}: {detail})."
         ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(
@@ -91,7 +89,7 @@ def load_normalizers(
         >>> norms = rlnorm.load_normalizers(ckpt)  # doctest: +SKIP
         >>> action = policy(norms.normalize_obs(obs))  # doctest: +SKIP
     """
-    where = "the given checkpoint"
+    where = "given checkpoint"
     if not isinstance(checkpoint, Mapping):
         where = f"checkpoint {str(checkpoint)!r}"
         checkpoint = read_checkpoint(checkpoint)

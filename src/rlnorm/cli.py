@@ -1,7 +1,7 @@
 """The ``rlnorm`` command: train the reference PPO, inspect and export checkpoints.
 
-- ``rlnorm fit --config configs/cartpole.yaml`` trains through ``LightningCLI`` (also
-  ``validate``; every ``--trainer.*``, ``--model.*`` and ``--seed_everything`` override works).
+- ``rlnorm fit --config configs/cartpole.yaml`` trains through ``LightningCLI`` (every
+  ``--trainer.*``, ``--model.*`` and ``--seed_everything`` override works).
 - ``rlnorm inspect CKPT [--json]`` prints the normalizers stored in a checkpoint.
 - ``rlnorm export CKPT --out FILE [--fold-policy]`` writes the frozen observation normalizer
   (or the reference policy with the normalizer folded into its first layer) as a
@@ -22,16 +22,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 __all__ = ["main"]
 
-USAGE = """usage: rlnorm {fit,validate,inspect,export} ...
+USAGE = """usage: rlnorm {fit,inspect,export} ...
 
 Observation and reward normalization for RL, with a reference PPO trainer.
 
 commands:
   fit        train the reference PPO (LightningCLI): rlnorm fit --config configs/cartpole.yaml
-  validate   run the validation loop of a model (LightningCLI)
   inspect    print the normalizers stored in a checkpoint: rlnorm inspect CKPT [--json]
   export     write the frozen observation normalizer: rlnorm export CKPT --out FILE
 
@@ -54,12 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return inspect_command(rest)
         if command == "export":
             return export_command(rest)
-        if command in ("fit", "validate"):
+        if command == "fit":
             # From the shell LightningCLI reads sys.argv itself; from Python it gets `argv`.
             run_lightning_cli(None if argv is None else args)
             return 0
-        raise UsageError(f"unknown command {command!r}; choose from fit, validate, inspect, export")
-    except (UsageError, FileNotFoundError, ValueError, LookupError, TypeError) as err:
+        raise UsageError(f"unknown command {command!r}; choose from fit, inspect, export")
+    except (
+        UsageError,
+        FileNotFoundError,
+        ValueError,
+        LookupError,
+        TypeError,
+        MisconfigurationException,
+    ) as err:
         if os.environ.get("RLNORM_DEBUG"):
             raise
         message = " ".join(str(err).split())
@@ -99,7 +106,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 "devices": 1,
                 "default_root_dir": "runs",
                 "max_epochs": -1,
-                "log_every_n_steps": 10,
+                # A step is a whole rollout and PPO update: log every one.
+                "log_every_n_steps": 1,
             },
             parser_kwargs={"exit_on_error": False},
             save_config_kwargs={"overwrite": True},
@@ -125,14 +133,14 @@ def inspect_command(args: list[str]) -> int:
 
 def describe_checkpoint(path: str, name: str | None = None) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain data."""
-    from rlnorm.checkpoint import find_normalizer_states, load_normalizers, read_checkpoint
+    from rlnorm.checkpoint import find_normalizer_states, read_checkpoint
 
     checkpoint = read_checkpoint(path)
     names = sorted(find_normalizer_states(checkpoint))
     if name is not None:
         names = [name]
     if not names:
-        load_normalizers(checkpoint)  # raises the explanatory error
+        _load(checkpoint, path)  # raises the explanatory error
     report: dict[str, Any] = {
         "checkpoint": str(path),
         "epoch": checkpoint.get("epoch"),
@@ -141,7 +149,7 @@ def describe_checkpoint(path: str, name: str | None = None) -> dict[str, Any]:
     }
     states = find_normalizer_states(checkpoint)
     for key in names:
-        norms = load_normalizers(checkpoint, name=key)
+        norms = _load(checkpoint, path, key)
         entry: dict[str, Any] = {
             "schema_version": states[key]["schema_version"] if key in states else None,
             "config": norms.config.to_dict(),
@@ -208,7 +216,7 @@ def _span(values: list[float]) -> str:
 
 def export_command(args: list[str]) -> int:
     """``rlnorm export CKPT --out FILE [--name NAME] [--fold-policy]``."""
-    from rlnorm.checkpoint import load_normalizers, read_checkpoint
+    from rlnorm.checkpoint import read_checkpoint
     from rlnorm.export import export_module, export_observation_normalizer
 
     parser = _parser(
@@ -227,7 +235,7 @@ def export_command(args: list[str]) -> int:
     )
     opts = parser.parse_args(args)
     checkpoint = read_checkpoint(opts.checkpoint)
-    norms = load_normalizers(checkpoint, name=opts.name)
+    norms = _load(checkpoint, opts.checkpoint, opts.name)
     out_dir = os.path.dirname(os.path.abspath(opts.out))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"The directory of --out {opts.out!r} does not exist.")
@@ -260,6 +268,16 @@ def _folded_actor(checkpoint: dict[str, Any], norms: Any) -> tuple[torch.nn.Modu
     rms = next(iter(norms.obs.values()))
     actor[0] = fold_into_linear(actor[0], rms)
     return actor.eval(), actor[0].in_features
+
+
+def _load(checkpoint: dict[str, Any], path: str, name: str | None = None) -> Any:
+    """``load_normalizers`` on an already read checkpoint, errors naming the file."""
+    from rlnorm.checkpoint import load_normalizers
+
+    try:
+        return load_normalizers(checkpoint, name=name)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:

@@ -70,6 +70,9 @@ def layer(linear: nn.Linear, std: float = math.sqrt(2)) -> nn.Linear:
 class PPO(L.LightningModule):
     """Proximal Policy Optimization on a gymnasium vector environment.
 
+    The statistics are learned once per rollout, from all of its observations, so the first
+    rollout acts on raw observations (the normalization is the identity until data is seen).
+
     Each ``training_step`` collects ``num_steps`` steps in each of ``num_envs`` environments
     and runs ``update_epochs`` epochs of clipped-objective updates over ``num_minibatches``
     minibatches (manual optimization). Training ends after ``total_timesteps`` environment
@@ -92,7 +95,8 @@ class PPO(L.LightningModule):
         vf_coef: value loss weight.
         max_grad_norm: gradient norm clip.
         hidden_size: width of the two hidden layers of actor and critic.
-        seed: seed of the environments (offset by rank) and of the action sampling.
+        seed: seed of the environments (offset by rank) and of the minibatch order; weights
+            and action sampling follow torch's global seed (``seed_everything``).
     """
 
     def __init__(
@@ -105,7 +109,7 @@ class PPO(L.LightningModule):
         anneal_lr: bool = True,
         gamma: float = 0.98,
         gae_lambda: float = 0.8,
-        update_epochs: int = 20,
+        update_epochs: int = 10,
         num_minibatches: int = 1,
         clip_coef: float = 0.2,
         ent_coef: float = 0.0,
@@ -139,8 +143,6 @@ class PPO(L.LightningModule):
         obs_dim = obs_space.shape[0]
         if self.continuous:
             action_dim = int(np.prod(action_space.shape))
-            self.register_buffer("action_low", torch.as_tensor(action_space.low).float())
-            self.register_buffer("action_high", torch.as_tensor(action_space.high).float())
         elif isinstance(action_space, gym.spaces.Discrete):
             action_dim = int(action_space.n)
         else:
@@ -266,7 +268,8 @@ class PPO(L.LightningModule):
 
             env_action = action.cpu().numpy()
             if self.continuous:
-                env_action = np.clip(env_action, self.action_low.cpu(), self.action_high.cpu())
+                space = self.envs.single_action_space
+                env_action = np.clip(env_action, space.low, space.high)
             next_obs, reward, terminated, truncated, info = self.envs.step(env_action)
             raw_rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
             ended[t] = torch.as_tensor(terminated | truncated)
