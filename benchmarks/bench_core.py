@@ -60,23 +60,36 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     for rows, dims in SHAPES:
-        x = torch.randn(rows, dims, device=device) * 3 + 5
-        rms = RunningMeanStd(dims, device=device)
-        rms.update(x)
-        t_sum = run(lambda: x.sum(0), args.repeats)
-        t_clone = run(lambda: x.clone(), args.repeats)
-        t_update = run(lambda: rms.update(x), args.repeats)
-        t_norm = run(lambda: rms.normalize(x), args.repeats)
-        line = (
-            f"| {rows}x{dims} | {t_sum:.1f} | {t_clone:.1f} | {t_update:.1f} | "
-            f"{t_update / t_sum:.2f} | {t_norm:.1f} | {t_norm / t_clone:.2f} |"
+        print(bench_shape(rows, dims, device, run, args.repeats, args.compile), flush=True)
+
+
+def bench_shape(
+    rows: int,
+    dims: int,
+    device: torch.device,
+    run: Callable[[Callable[[], object], int], float],
+    repeats: int,
+    compiled: bool,
+) -> str:
+    """One table row: floors, update and normalize (and their compiled versions) for a shape."""
+    x = torch.randn(rows, dims, device=device) * 3 + 5
+    rms = RunningMeanStd(dims, device=device)
+    rms.update(x)
+    t_sum = run(lambda: x.sum(0), repeats)
+    t_clone = run(lambda: x.clone(), repeats)
+    t_update = run(lambda: rms.update(x), repeats)
+    t_norm = run(lambda: rms.normalize(x), repeats)
+    line = (
+        f"| {rows}x{dims} | {t_sum:.1f} | {t_clone:.1f} | {t_update:.1f} | "
+        f"{t_update / t_sum:.2f} | {t_norm:.1f} | {t_norm / t_clone:.2f} |"
+    )
+    if compiled:
+        update_c = torch.compile(rms.update, fullgraph=True)
+        norm_c = torch.compile(rms.normalize, fullgraph=True)
+        line += (
+            f" {run(lambda: update_c(x), repeats):.1f} | {run(lambda: norm_c(x), repeats):.1f} |"
         )
-        if args.compile:
-            update_c = torch.compile(rms.update, fullgraph=True)
-            norm_c = torch.compile(rms.normalize, fullgraph=True)
-            line += f" {run(lambda: update_c(x), args.repeats):.1f} |"
-            line += f" {run(lambda: norm_c(x), args.repeats):.1f} |"
-        print(line, flush=True)
+    return line
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/normalization_effect.py [--configs configs/cartpole.yaml ...]
-        [--seeds 1 2 3] [--steps 100000] [--jobs 2] [--out benchmarks/results/normalization_effect.md]
+        [--seeds 1 2 3] [--steps 100000] [--jobs 2]
+        [--out benchmarks/results/normalization_effect.md]
 
 Each run trains the reference PPO from a config in ``configs/`` (the model settings and the
 ``NormalizerCallback`` settings are read from the YAML, so the benchmark measures exactly what
