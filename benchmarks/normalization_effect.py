@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from rlnorm.ppo import SOLVED_RETURN
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/cartpole.yaml", "configs/cartpole_scaled.yaml", "configs/pendulum.yaml"]
 MODES = ("rlnorm", "none")
@@ -109,11 +111,12 @@ def table(results: list[dict], steps: int) -> str:
                 continue
             returns = [r["final_return"] for r in runs]
             solved = [r["solved_at"] for r in runs if r["solved_at"] is not None]
+            has_target = env_id in SOLVED_RETURN
             spread = statistics.stdev(returns) if len(returns) > 1 else 0.0
             rows.append(
                 f"| {env_id} | {'rlnorm (config)' if mode == 'rlnorm' else 'none'} | "
                 f"{statistics.mean(returns):.1f} ± {spread:.1f} | "
-                f"{len(solved)}/{len(runs)} | "
+                f"{f'{len(solved)}/{len(runs)}' if has_target else 'no target'} | "
                 f"{f'{statistics.median(solved):,.0f}' if solved else '-'} | "
                 f"{statistics.median(r['wall_s'] for r in runs):.0f} s | "
                 f"{statistics.median(r['sps'] for r in runs):,.0f} |"

@@ -84,7 +84,7 @@ def scalar_tags(run_dir: Path) -> set[str]:
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``rlnorm fit`` on configs/cartpole.yaml, tiny, in-process; logs every 2 steps.
 
-    (With the command's default ``log_every_n_steps=10`` a run of 8 steps logs no scalar at
+    (With the command's default ``log_every_n_steps=5`` a run of 8 steps logs no scalar at
     all, so the tags could not be checked.)
     """
     root = tmp_path_factory.mktemp("fit")

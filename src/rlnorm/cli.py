@@ -106,8 +106,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 "devices": 1,
                 "default_root_dir": "runs",
                 "max_epochs": -1,
-                # A step is a whole rollout and PPO update: log every one.
-                "log_every_n_steps": 1,
+                # A step is a whole rollout and PPO update (256 env steps by default).
+                "log_every_n_steps": 5,
             },
             parser_kwargs={"exit_on_error": False},
             save_config_kwargs={"overwrite": True},
