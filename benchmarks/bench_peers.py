@@ -1,0 +1,320 @@
+"""Time rlnorm's update / normalize against SB3, Gymnasium and TorchRL normalizers and two floors.
+
+Usage (the peers come with the ``bench`` extra: ``pip install -e ".[bench]"``):
+    python benchmarks/bench_peers.py [--device cpu|cuda] [--repeats 15] [--threads N] [--out [PATH]]
+
+For float32 batches of shape (16, 8), (1024, 64) and (16384, 256) it prints, per shape, a markdown
+table of microseconds per call (median of repeats, warm-up excluded) of ``update`` and
+``normalize`` for every candidate, and each time as a ratio to rlnorm eager (peer / rlnorm:
+above 1 means rlnorm is faster). What is timed, exactly:
+
+- rlnorm eager: ``RunningMeanStd(dims).update(x)`` and ``.normalize(x)`` on the torch tensor.
+- rlnorm compiled: ``torch.compile(rms.update, fullgraph=True)`` and the same for ``normalize``,
+  on a separate instance; the compile time (first call) is reported separately, not timed.
+- SB3: ``stable_baselines3.common.running_mean_std.RunningMeanStd.update`` on the numpy view of
+  ``x``, and SB3's own ``VecNormalize._normalize_obs`` (called on an instance made without an
+  env, with SB3's defaults ``epsilon=1e-8, clip_obs=10``): ``np.clip((obs - mean) /
+  np.sqrt(var + eps), -clip, clip)``. It returns float64; ``VecNormalize.normalize_obs`` would
+  add a deepcopy and an ``astype(np.float32)`` on top, which are not timed.
+- Gymnasium: the statistics of ``gymnasium.wrappers.vector.NormalizeObservation``:
+  ``gymnasium.wrappers.utils.RunningMeanStd(shape, dtype=float32).update(obs)`` and the
+  wrapper's formula ``((obs - mean) / np.sqrt(var + 1e-8)).astype(np.float32)`` (no clip).
+- TorchRL: ``torchrl.envs.transforms.VecNormV2(in_keys=["observation"],
+  reduce_batch_dims=True, decay=1.0)`` (``VecNorm`` itself is deprecated in favour of it;
+  ``decay=1.0`` gives the exact running statistics rlnorm computes by default, whereas the
+  default ``decay=0.9999`` adds bias-correction kernels to normalize and, subtracting the
+  squared mean before the bias correction, statistics far from rlnorm's), stateful, on a
+  ``TensorDict({"observation": x}, batch_size=[rows])`` built outside the timed region: update
+  is its ``_stateful_update(td)`` and normalize its ``_stateful_norm(td)``, the two halves of
+  what ``VecNormV2._step`` runs for each env step (``_step`` adds the lock, a ``select`` and
+  the write-back ``update``, which are not timed).
+- floors: one read pass ``x.sum(0)`` (update column) and one copy ``x.clone()`` (normalize
+  column).
+
+Methodology: every candidate reads the same data (numpy peers get ``x.numpy()``, a view made
+outside the timed region, as they receive numpy arrays from environments). Each timed sample
+runs a block of calls sized to last about ``--block-ms`` and divides by the call count; the
+candidates are interleaved round-robin across repeats so they share the machine's noise. On
+CUDA each block is synchronised before and after; numpy peers then read a host copy of ``x``.
+The statistics of all candidates are checked to agree before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlnorm import RunningMeanStd
+
+SHAPES = [(16, 8), (1024, 64), (16384, 256)]
+EPS = 1e-8
+CLIP = 10.0
+
+Fn = Callable[[], object]
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    libs = ", ".join(
+        f"{name} {version(name)}"
+        for name in ("rlnorm", "torch", "numpy", "stable-baselines3", "gymnasium", "torchrl")
+    )
+    return (
+        f"CPU {cpu_model()} ({os.cpu_count()} logical cores, {affinity} usable), "
+        f"torch threads {torch.get_num_threads()}{gpu}; Python {platform.python_version()}, "
+        f"{libs}"
+    )
+
+
+class Candidate:
+    """One implementation: its update and normalize callables (``None`` where not applicable)."""
+
+    def __init__(self, name: str, update: Fn | None, normalize: Fn | None, note: str = "") -> None:
+        self.name = name
+        self.fns = {"update": update, "normalize": normalize}
+        self.note = note
+
+
+def make_candidates(x: torch.Tensor, compile_times: dict[str, float]) -> list[Candidate]:
+    """All candidates for one batch ``x``, each already updated once with it (warm state)."""
+    rows, dims = x.shape
+    device = x.device
+    x_np = x.detach().cpu().numpy()  # a view on the CPU; a host copy for CUDA inputs
+    cands = []
+
+    rms = RunningMeanStd(dims, device=device)
+    rms.update(x)
+    cands.append(Candidate("rlnorm eager", lambda: rms.update(x), lambda: rms.normalize(x)))
+
+    torch._dynamo.reset()
+    rms_c = RunningMeanStd(dims, device=device)
+    update_c = torch.compile(rms_c.update, fullgraph=True)
+    norm_c = torch.compile(rms_c.normalize, fullgraph=True)
+    for key, fn in (("update", update_c), ("normalize", norm_c)):
+        sync(device)
+        start = time.perf_counter()
+        fn(x)
+        sync(device)
+        compile_times[key] = time.perf_counter() - start
+    cands.append(Candidate("rlnorm compiled", lambda: update_c(x), lambda: norm_c(x)))
+
+    try:
+        from stable_baselines3.common.running_mean_std import RunningMeanStd as SB3RunningMeanStd
+        from stable_baselines3.common.vec_env import VecNormalize
+    except ImportError:
+        print("stable-baselines3 not installed: skipped (pip install -e '.[bench]')")
+    else:
+        sb3 = SB3RunningMeanStd(shape=(dims,))
+        sb3.update(x_np)
+        vecnorm = VecNormalize.__new__(VecNormalize)  # no env: only what _normalize_obs reads
+        vecnorm.epsilon, vecnorm.clip_obs = EPS, CLIP
+        cands.append(
+            Candidate(
+                "SB3 RunningMeanStd / VecNormalize",
+                lambda: sb3.update(x_np),
+                lambda: vecnorm._normalize_obs(x_np, sb3),
+            )
+        )
+
+    try:
+        from gymnasium.wrappers.utils import RunningMeanStd as GymRunningMeanStd
+    except ImportError:
+        print("gymnasium not installed: skipped")
+    else:
+        gym = GymRunningMeanStd(shape=(dims,), dtype=np.float32)
+        gym.update(x_np)
+
+        def gym_normalize() -> np.ndarray:
+            return ((x_np - gym.mean) / np.sqrt(gym.var + EPS)).astype(np.float32)
+
+        cands.append(
+            Candidate("Gymnasium NormalizeObservation", lambda: gym.update(x_np), gym_normalize)
+        )
+
+    try:
+        from tensordict import TensorDict
+        from torchrl.envs.transforms import VecNormV2
+    except ImportError:
+        print("torchrl not installed: skipped")
+    else:
+        td = TensorDict({"observation": x}, batch_size=[rows], device=device)
+        vn = VecNormV2(in_keys=["observation"], reduce_batch_dims=True, decay=1.0).to(device)
+        vn._maybe_stateful_init(td)
+        vn._stateful_update(td)
+        cands.append(
+            Candidate(
+                "TorchRL VecNormV2",
+                lambda: vn._stateful_update(td),
+                lambda: vn._stateful_norm(td),
+            )
+        )
+
+    cands.append(Candidate("floor: read x.sum(0)", lambda: x.sum(0), None))
+    cands.append(Candidate("floor: copy x.clone()", None, lambda: x.clone()))
+    check_agreement(x, x_np, rms, norm_c, cands)
+    return cands
+
+
+def as_numpy(y: object) -> np.ndarray:
+    if isinstance(y, torch.Tensor):
+        return y.detach().cpu().numpy()
+    if hasattr(y, "get"):  # a TensorDict
+        return y.get("observation").detach().cpu().numpy()
+    return np.asarray(y)
+
+
+def check_agreement(x, x_np, rms, norm_c, cands: list[Candidate]) -> None:
+    """All normalizers saw ``x`` once: their normalized outputs must agree with rlnorm's."""
+    ref = rms.normalize(x).cpu().numpy()
+    outputs = {"rlnorm compiled": as_numpy(norm_c(x))}
+    for cand in cands:
+        fn = cand.fns["normalize"]
+        if fn is not None and not cand.name.startswith(("rlnorm", "floor")):
+            outputs[cand.name] = as_numpy(fn())
+    for name, out in outputs.items():
+        err = float(np.abs(out.astype(np.float64) - ref).max())
+        if not err < 1e-2:
+            raise AssertionError(f"{name} disagrees with rlnorm: max abs difference {err:.3g}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(fn: Fn, calls: int, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def calibrate(fn: Fn, block_s: float, device: torch.device) -> int:
+    """Warm up, then pick the number of calls per timed block (at least one)."""
+    for _ in range(3):
+        fn()
+    per_call = time_block(fn, 3, device)
+    return max(1, round(block_s / max(per_call, 1e-9)))
+
+
+def bench_shape(
+    rows: int, dims: int, device: torch.device, repeats: int, block_s: float
+) -> tuple[str, dict[str, float]]:
+    gen = torch.Generator().manual_seed(rows * 1000 + dims)
+    x = (torch.randn(rows, dims, generator=gen) * 3 + 5).to(device)
+    compile_times: dict[str, float] = {}
+    cands = make_candidates(x, compile_times)
+    jobs = [
+        (cand.name, op, fn, calibrate(fn, block_s, device))
+        for cand in cands
+        for op, fn in cand.fns.items()
+        if fn is not None
+    ]
+    samples: dict[tuple[str, str], list[float]] = {(name, op): [] for name, op, _, _ in jobs}
+    for _ in range(repeats):  # round-robin: every candidate once per repeat
+        for name, op, fn, calls in jobs:
+            samples[name, op].append(time_block(fn, calls, device))
+    med = {key: statistics.median(ts) * 1e6 for key, ts in samples.items()}
+    ref = {op: med["rlnorm eager", op] for op in ("update", "normalize")}
+
+    def cell(name: str, op: str) -> str:
+        if (name, op) not in med:
+            return "— | —"
+        return f"{med[name, op]:.1f} | {med[name, op] / ref[op]:.2f}"
+
+    lines = [
+        f"### float32 batch ({rows}, {dims}) on {device.type}",
+        "",
+        "| implementation | update µs | update ratio | normalize µs | normalize ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {cand.name} | {cell(cand.name, 'update')} | {cell(cand.name, 'normalize')} |"
+        for cand in cands
+    ]
+    lines += [
+        "",
+        f"Compile time of the rlnorm compiled versions (first call, not in the table): update "
+        f"{compile_times['update']:.2f} s, normalize {compile_times['normalize']:.2f} s.",
+        "",
+    ]
+    return "\n".join(lines), med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--block-ms", type=float, default=5.0, help="target duration of one timed block"
+    )
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const="",
+        default=None,
+        help="also write the tables to PATH (default benchmarks/results/peers_<device>.md)",
+    )
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+    header = [
+        f"## rlnorm vs peers: update and normalize, µs per call ({device.type})",
+        "",
+        f"Machine: {machine(device)}.",
+        "",
+        f"Median of {args.repeats} repeats (warm-up excluded), candidates interleaved "
+        "round-robin. Ratio = time / rlnorm eager time of the same operation: above 1 means "
+        "rlnorm eager is faster. See the docstring of `benchmarks/bench_peers.py` for exactly "
+        "what is timed for each peer.",
+        "",
+    ]
+    print("\n".join(header), flush=True)
+    parts = list(header)
+    for rows, dims in SHAPES:
+        table, _ = bench_shape(rows, dims, device, args.repeats, args.block_ms / 1e3)
+        print(table, flush=True)
+        parts.append(table)
+    if args.out is not None:
+        out = Path(args.out or Path(__file__).parent / "results" / f"peers_{device.type}.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(parts))
+        print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
