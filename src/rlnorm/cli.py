@@ -136,7 +136,8 @@ def describe_checkpoint(path: str, name: str | None = None) -> dict[str, Any]:
     from rlnorm.checkpoint import find_normalizer_states, read_checkpoint
 
     checkpoint = read_checkpoint(path)
-    names = sorted(find_normalizer_states(checkpoint))
+    states = find_normalizer_states(checkpoint)
+    names = sorted(states)
     if name is not None:
         names = [name]
     if not names:
@@ -147,7 +148,6 @@ def describe_checkpoint(path: str, name: str | None = None) -> dict[str, Any]:
         "global_step": checkpoint.get("global_step"),
         "normalizers": {},
     }
-    states = find_normalizer_states(checkpoint)
     for key in names:
         norms = _load(checkpoint, path, key)
         entry: dict[str, Any] = {

@@ -197,7 +197,8 @@ class RunningMeanStd(nn.Module):
                 f"{tuple(x.shape)}) and nonfinite='raise'; the statistics were not changed."
             )
         batch = batch_moments(sums)
-        state = Moments(*(t.reshape(-1) for t in self.moments))
+        flat_state = (self.mean.reshape(-1), self.var.reshape(-1), self.mean_residual.reshape(-1))
+        state = Moments(self.weight_sum, self.count, *flat_state)
         if self.momentum is None:
             new = merge(state, batch)
         else:
