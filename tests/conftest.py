@@ -1,6 +1,8 @@
-"""Shared helpers: float64 numpy two-pass references and the ``cuda`` skip marker."""
+"""Shared helpers: float64 numpy two-pass references, the ``cuda`` skip marker, backends."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,6 +27,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="module", params=["native", "torch"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on the native CPU kernels and again on the torch code path."""
+    from rlnorm import _native
+
+    with _native.native_kernels(request.param == "native"):
+        yield request.param
 
 
 def to_numpy64(x: torch.Tensor | np.ndarray) -> np.ndarray:

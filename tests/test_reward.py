@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from conftest import assert_close, assert_state_equal, state_of
 from rlnorm import RewardNormalizer
 
+# Every test runs on the native CPU kernels and on the torch code path.
+pytestmark = pytest.mark.usefixtures("backend")
+
 F64 = torch.float64
 
 

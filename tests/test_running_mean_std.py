@@ -24,6 +24,9 @@ from conftest import (
 )
 from rlnorm import RunningMeanStd
 
+# Every test runs on the native CPU kernels and on the torch code path.
+pytestmark = pytest.mark.usefixtures("backend")
+
 F64 = torch.float64
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

@@ -97,3 +97,11 @@ def check_tensor(name: str, value: Any, device: torch.device) -> Tensor:
             "them with `.to(...)` (rlnorm does not copy between devices on the hot path)."
         )
     return value
+
+
+def nonfinite_error(rows: int, shape: tuple[int, ...] | torch.Size) -> ValueError:
+    """The error of an update that met NaN or Inf rows with ``nonfinite="raise"``."""
+    return ValueError(
+        f"`x` holds {rows} row(s) with NaN or Inf values (shape {tuple(shape)}) and "
+        "nonfinite='raise'; the statistics were not changed."
+    )

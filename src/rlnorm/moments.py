@@ -117,8 +117,9 @@ def batch_shift(x: Tensor, weights: Tensor | None, rows: int = SHIFT_ROWS) -> Te
     """A float64 point close to the data of a 2-D batch: the weighted mean of its first rows.
 
     Any point inside the data's range keeps the shifted sums free of cancellation; the head
-    of the batch is one that costs almost nothing. Non-finite and zero-weight rows are
-    ignored; with none left the shift is 0, which only costs precision, never correctness.
+    of the batch is one that costs almost nothing. Zero-weight rows, and rows that
+    :func:`shifted_sums` would leave out around 0 (NaN, Inf, or squares overflowing float64),
+    are ignored; with none left the shift is 0, which only costs precision, never correctness.
 
     Args:
         x: batch of shape ``(N, D)``.
@@ -129,7 +130,9 @@ def batch_shift(x: Tensor, weights: Tensor | None, rows: int = SHIFT_ROWS) -> Te
         A float64 tensor of shape ``(D,)``.
     """
     head = x[:rows].to(torch.float64)
-    ok = torch.isfinite(head).all(dim=1).to(torch.float64)
+    # The criterion of `shifted_sums` (around 0): a row of huge finite values whose squares
+    # overflow would drag the shift so far that every other row overflowed around it.
+    ok = torch.isfinite((head * head).sum(dim=1)).to(torch.float64)
     if weights is not None:
         ok = ok * weights[:rows]
     head = torch.nan_to_num(head, nan=0.0, posinf=0.0, neginf=0.0)
@@ -153,7 +156,8 @@ def shifted_sums(
         x: batch of shape ``(N, D)``, any real dtype.
         weights: optional non-negative float64 row weights of shape ``(N,)``; ``None`` means 1.
         shift: float64 tensor of shape ``(D,)`` to sum around.
-        chunk_elements: elements converted at a time; defaults by device.
+        chunk_elements: elements converted at a time; defaults by device. Left ``None``,
+            eager float32/float64 CPU batches take the fused native kernel when it is built.
 
     Returns:
         The :class:`ShiftedSums` of the batch.
@@ -161,6 +165,11 @@ def shifted_sums(
     n, d = x.shape
     device = x.device
     if chunk_elements is None:
+        from rlnorm import _native  # imports this module
+
+        native = _native.try_shifted_sums(x, weights, shift)
+        if native is not None:
+            return native
         chunk_elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     chunk_rows = max(1, chunk_elements // max(d, 1))
     f64 = {"dtype": torch.float64, "device": device}

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rlnorm import _native
 from rlnorm import _validation as check
 from rlnorm.distributed import agree_shift, all_reduce_sums, is_distributed
 from rlnorm.moments import (
@@ -144,7 +145,9 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("mean_residual", state.mean_residual)
         # Shift agreed across ranks before the first synchronised update (see `_shift`).
         self._agreed_shift: Tensor | None = None
-        self._affine_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+        # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
+        self._native_state: tuple[Tensor, ...] | None = None
+        self._affine_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor], float] | None = None
 
     # ------------------------------------------------------------------ statistics
 
@@ -165,7 +168,6 @@ class RunningMeanStd(nn.Module):
 
     # ------------------------------------------------------------------ updating
 
-    @torch.no_grad()
     def update(self, x: Tensor, mask: Tensor | None = None) -> Moments:
         """Fold a batch into the statistics.
 
@@ -184,6 +186,15 @@ class RunningMeanStd(nn.Module):
                 ``nonfinite="raise"``, the batch holds NaN or Inf.
         """
         flat, weights = self._flatten(x, mask)
+        if not self._should_sync():
+            batch = _native.try_update(self, flat, weights, x.shape)
+            if batch is not None:
+                return batch
+        with torch.no_grad():
+            return self._update_torch(x, flat, weights)
+
+    def _update_torch(self, x: Tensor, flat: Tensor, weights: Tensor | None) -> Moments:
+        """``update`` with torch operations (any device, compiled, synchronised)."""
         if self.until is not None:
             active = (self.count < self.until).to(torch.float64)
             weights = active.expand(flat.shape[0]) if weights is None else weights * active
@@ -192,10 +203,7 @@ class RunningMeanStd(nn.Module):
         if self._should_sync():
             sums = all_reduce_sums(sums, self.process_group)
         if self.nonfinite == "raise" and bool(sums.nonfinite > 0):
-            raise ValueError(
-                f"`x` holds {int(sums.nonfinite)} row(s) with NaN or Inf values (shape "
-                f"{tuple(x.shape)}) and nonfinite='raise'; the statistics were not changed."
-            )
+            raise check.nonfinite_error(int(sums.nonfinite), x.shape)
         batch = batch_moments(sums)
         flat_state = (self.mean.reshape(-1), self.var.reshape(-1), self.mean_residual.reshape(-1))
         state = Moments(self.weight_sum, self.count, *flat_state)
@@ -278,6 +286,11 @@ class RunningMeanStd(nn.Module):
             The normalized tensor, same shape as ``x``.
         """
         self._check_input(x)
+        if _native.eligible(x) and self.mean.device.type == "cpu":
+            (offset, scale, _, _), bound = self._cached_affine(x.dtype)
+            y = _native.try_normalize(x, offset, scale, bound)
+            if y is not None:
+                return y
         offset, scale, low, high = self._affine(x)
         compute_dtype = offset.dtype
         y = torch.sub(x.to(compute_dtype), offset).mul_(scale)
@@ -325,6 +338,12 @@ class RunningMeanStd(nn.Module):
             # CUDA-graph replays write the buffers without bumping their version counters, so
             # accelerators always read the statistics afresh.
             return self._compute_affine(dtype)
+        return self._cached_affine(dtype)[0]
+
+    def _cached_affine(
+        self, dtype: torch.dtype
+    ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], float]:
+        """CPU only: the affine of ``dtype`` and the clamp bound as a number, cached."""
         key = (
             dtype,
             self.clip,
@@ -333,8 +352,12 @@ class RunningMeanStd(nn.Module):
             *((id(t), t._version) for t in (self.mean, self.var, self.count)),
         )
         if self._affine_cache is None or self._affine_cache[0] != key:
-            self._affine_cache = (key, self._compute_affine(dtype))
-        return self._affine_cache[1]
+            affine = self._compute_affine(dtype)
+            high = affine[3].reshape(-1)
+            # The native kernel takes the bound as a number: one host read per change.
+            bound = float(high[0]) if high.numel() else math.inf
+            self._affine_cache = (key, affine, bound)
+        return self._affine_cache[1], self._affine_cache[2]
 
     def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         seen = self.count > 0
@@ -402,6 +425,7 @@ class RunningMeanStd(nn.Module):
         # The buffers are replaced: drop what was derived from them.
         self._affine_cache = None
         self._agreed_shift = None
+        self._native_state = None
         return super()._apply(move_only, recurse)
 
     def _load_from_state_dict(

@@ -1,0 +1,522 @@
+/*
+ * Native CPU kernels of rlnorm: one fused pass over the batch where torch needs several.
+ *
+ * The formulas are those of rlnorm/moments.py (batch_shift, shifted_sums, batch_moments,
+ * merge, merge_ema) and RunningMeanStd.normalize, operation for operation, so that results
+ * agree with the torch code path to rounding (the merge and normalize bitwise; the sums differ
+ * only in summation order). The module is optional: without it rlnorm runs the torch code.
+ *
+ * Functions take raw addresses of contiguous CPU tensors (Tensor.data_ptr()) and release the
+ * GIL while they run. Python-side checks (rlnorm/_native.py) guarantee shapes, dtypes and
+ * contiguity before a call; nothing here re-validates them.
+ *
+ * Compiled with -ffp-contract=off: a fused multiply-add would change roundings relative to
+ * the torch formulas.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* One AVX2 and one baseline version of each hot loop, picked at load time by the CPU. */
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+#ifndef _WIN32
+#include <pthread.h>
+#define HAVE_THREADS 1
+#else
+#define HAVE_THREADS 0
+#endif
+
+/* Rows summed into a block partial before it is added to the running partial: keeps the
+ * summation error near (BLOCK_ROWS + rows / BLOCK_ROWS) * eps instead of rows * eps. */
+#define BLOCK_ROWS 128
+/* Elements per chunk. Chunks are fixed by the shape alone, never by the thread count, and
+ * their partials are added in order, so results do not depend on how many threads ran. */
+#define CHUNK_ELEMENTS (1 << 18)
+#define SHIFT_ROWS 32
+#define MAX_THREADS 64
+
+/* ------------------------------------------------------------------------ sums */
+
+typedef struct {
+    const void *x;
+    int is_f64;
+    int64_t d;
+    const double *w;      /* row weights or NULL */
+    const double *shift;
+    int64_t row_begin, row_end;
+    double *sum, *sq, *sq_raw; /* outputs of length d; sq_raw only with weights */
+    double *block;        /* scratch of length 3 * d */
+} SumsTask;
+
+HOT static void sums_rows(const SumsTask *t) {
+    const int64_t d = t->d;
+    double *bs = t->block, *bq = t->block + d, *br = t->block + 2 * d;
+    memset(t->sum, 0, sizeof(double) * d);
+    memset(t->sq, 0, sizeof(double) * d);
+    if (t->w) memset(t->sq_raw, 0, sizeof(double) * d);
+    for (int64_t r0 = t->row_begin; r0 < t->row_end; r0 += BLOCK_ROWS) {
+        int64_t r1 = r0 + BLOCK_ROWS < t->row_end ? r0 + BLOCK_ROWS : t->row_end;
+        memset(bs, 0, sizeof(double) * d);
+        memset(bq, 0, sizeof(double) * d);
+        if (t->w) memset(br, 0, sizeof(double) * d);
+        for (int64_t i = r0; i < r1; i++) {
+            const double *s = t->shift;
+            if (t->w) {
+                const double wi = t->w[i];
+                if (t->is_f64) {
+                    const double *row = (const double *)t->x + i * d;
+                    for (int64_t j = 0; j < d; j++) {
+                        double c = row[j] - s[j], c2 = c * c;
+                        bs[j] += wi * c;
+                        bq[j] += wi * c2;
+                        br[j] += c2;
+                    }
+                } else {
+                    const float *row = (const float *)t->x + i * d;
+                    for (int64_t j = 0; j < d; j++) {
+                        double c = (double)row[j] - s[j], c2 = c * c;
+                        bs[j] += wi * c;
+                        bq[j] += wi * c2;
+                        br[j] += c2;
+                    }
+                }
+            } else if (t->is_f64) {
+                const double *row = (const double *)t->x + i * d;
+                for (int64_t j = 0; j < d; j++) {
+                    double c = row[j] - s[j];
+                    bs[j] += c;
+                    bq[j] += c * c;
+                }
+            } else {
+                const float *row = (const float *)t->x + i * d;
+                for (int64_t j = 0; j < d; j++) {
+                    double c = (double)row[j] - s[j];
+                    bs[j] += c;
+                    bq[j] += c * c;
+                }
+            }
+        }
+        for (int64_t j = 0; j < d; j++) {
+            t->sum[j] += bs[j];
+            t->sq[j] += bq[j];
+        }
+        if (t->w)
+            for (int64_t j = 0; j < d; j++) t->sq_raw[j] += br[j];
+    }
+}
+
+#if HAVE_THREADS
+static void *sums_worker(void *arg) {
+    /* arg points at the first of this worker's tasks; tasks are strided by the worker count. */
+    SumsTask **list = (SumsTask **)arg;
+    for (SumsTask **t = list; *t; t++) sums_rows(*t);
+    return NULL;
+}
+#endif
+
+static inline double value_at(const void *x, int is_f64, int64_t k) {
+    return is_f64 ? ((const double *)x)[k] : (double)((const float *)x)[k];
+}
+
+/* The reference algorithm row by row: a row whose sum of squares around the shift is not
+ * finite is left out, and counted when its weight is non-zero. Used only when the fused pass
+ * met a non-finite value (or an overflow), so it favours clarity over speed. */
+static void sums_exact(const void *x, int is_f64, int64_t n, int64_t d, const double *w,
+                       const double *shift, double *sum, double *sq, double *weight,
+                       int64_t *count, int64_t *nonfinite, double *row) {
+    memset(sum, 0, sizeof(double) * d);
+    memset(sq, 0, sizeof(double) * d);
+    *weight = 0.0;
+    *count = 0;
+    *nonfinite = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double row_sq = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            row[j] = value_at(x, is_f64, i * d + j) - shift[j];
+            row_sq += row[j] * row[j];
+        }
+        const double wi = w ? w[i] : 1.0;
+        if (!isfinite(row_sq)) {
+            if (wi > 0) (*nonfinite)++;
+            continue;
+        }
+        for (int64_t j = 0; j < d; j++) {
+            sum[j] += wi * row[j];
+            sq[j] += wi * (row[j] * row[j]);
+        }
+        *weight += wi;
+        if (wi > 0) (*count)++;
+    }
+}
+
+/* Weighted sums around `shift` (moments.shifted_sums). Returns 0, or -1 when out of memory. */
+static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const double *w,
+                        const double *shift, double *sum, double *sq, double *weight,
+                        int64_t *count, int64_t *nonfinite, int threads) {
+    int64_t chunk_rows = CHUNK_ELEMENTS / (d > 0 ? d : 1);
+    if (chunk_rows < BLOCK_ROWS) chunk_rows = BLOCK_ROWS;
+    int64_t chunks = n > 0 ? (n + chunk_rows - 1) / chunk_rows : 0;
+    if (chunks == 0 || d == 0) {
+        memset(sum, 0, sizeof(double) * d);
+        memset(sq, 0, sizeof(double) * d);
+        *weight = 0.0;
+        *count = 0;
+        *nonfinite = 0;
+        return 0;
+    }
+    if (threads > chunks) threads = (int)chunks;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    /* Per chunk: sum, sq, sq_raw; per worker: a 3 * d block scratch. */
+    double *mem = malloc(sizeof(double) * d * (3 * chunks + 3 * threads));
+    SumsTask *tasks = malloc(sizeof(SumsTask) * chunks);
+    SumsTask **lists = malloc(sizeof(SumsTask *) * (chunks + threads));
+    if (!mem || !tasks || !lists) {
+        free(mem);
+        free(tasks);
+        free(lists);
+        return -1;
+    }
+    for (int64_t c = 0; c < chunks; c++) {
+        SumsTask *t = &tasks[c];
+        t->x = x;
+        t->is_f64 = is_f64;
+        t->d = d;
+        t->w = w;
+        t->shift = shift;
+        t->row_begin = c * chunk_rows;
+        t->row_end = (c + 1) * chunk_rows < n ? (c + 1) * chunk_rows : n;
+        t->sum = mem + 3 * c * d;
+        t->sq = t->sum + d;
+        t->sq_raw = t->sq + d;
+        t->block = mem + 3 * chunks * d + 3 * (c % threads) * d;
+    }
+    /* Worker k runs chunks k, k + threads, ...; each list ends with NULL. */
+    int64_t pos = 0;
+    int64_t starts[MAX_THREADS];
+    for (int k = 0; k < threads; k++) {
+        starts[k] = pos;
+        for (int64_t c = k; c < chunks; c += threads) lists[pos++] = &tasks[c];
+        lists[pos++] = NULL;
+    }
+#if HAVE_THREADS
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 1; k < threads; k++)
+        started[k] = pthread_create(&ids[k], NULL, sums_worker, &lists[starts[k]]) == 0;
+    for (SumsTask **t = &lists[starts[0]]; *t; t++) sums_rows(*t);
+    for (int k = 1; k < threads; k++) {
+        if (started[k])
+            pthread_join(ids[k], NULL);
+        else
+            for (SumsTask **t = &lists[starts[k]]; *t; t++) sums_rows(*t);
+    }
+#else
+    for (int64_t c = 0; c < chunks; c++) sums_rows(&tasks[c]);
+#endif
+    double total = 0.0;
+    memset(sum, 0, sizeof(double) * d);
+    memset(sq, 0, sizeof(double) * d);
+    for (int64_t c = 0; c < chunks; c++) {
+        for (int64_t j = 0; j < d; j++) {
+            sum[j] += tasks[c].sum[j];
+            sq[j] += tasks[c].sq[j];
+            total += w ? tasks[c].sq_raw[j] : tasks[c].sq[j];
+        }
+    }
+    for (int64_t j = 0; j < d; j++) total += sum[j] * 0.0; /* NaN or Inf in a sum poisons it */
+    /* A finite total of squares bounds every row's sum of squares, so no row overflowed and
+     * no value was NaN or Inf (a NaN or Inf anywhere, even at weight 0, reaches the total). */
+    if (isfinite(total)) {
+        if (w) {
+            double ws = 0.0;
+            int64_t cnt = 0;
+            for (int64_t i = 0; i < n; i++) {
+                ws += w[i];
+                cnt += w[i] > 0;
+            }
+            *weight = ws;
+            *count = cnt;
+        } else {
+            *weight = (double)n;
+            *count = n;
+        }
+        *nonfinite = 0;
+    } else {
+        sums_exact(x, is_f64, n, d, w, shift, sum, sq, weight, count, nonfinite, mem);
+    }
+    free(mem);
+    free(tasks);
+    free(lists);
+    return 0;
+}
+
+/* moments.batch_shift: weighted mean of the first SHIFT_ROWS rows whose sum of squares is
+ * finite. */
+static void batch_shift(const void *x, int is_f64, int64_t n, int64_t d, const double *w,
+                        double *shift) {
+    int64_t rows = n < SHIFT_ROWS ? n : SHIFT_ROWS;
+    double total = 0.0;
+    memset(shift, 0, sizeof(double) * d);
+    for (int64_t i = 0; i < rows; i++) {
+        double row_sq = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            double v = value_at(x, is_f64, i * d + j);
+            row_sq += v * v;
+        }
+        double wi = isfinite(row_sq) ? (w ? w[i] : 1.0) : 0.0;
+        if (wi == 0.0) continue;
+        for (int64_t j = 0; j < d; j++) shift[j] += wi * value_at(x, is_f64, i * d + j);
+        total += wi;
+    }
+    if (total < DBL_MIN) total = DBL_MIN;
+    for (int64_t j = 0; j < d; j++) shift[j] /= total;
+}
+
+/* ------------------------------------------------------------------------ merge */
+
+static inline void two_sum(double a, double b, double *s, double *e) {
+    double sum = a + b, bv = sum - a;
+    *s = sum;
+    *e = (a - (sum - bv)) + (b - bv);
+}
+
+/* moments._mix of the running state (mean, var, res; weight wa) and a batch (weight wb),
+ * written back into the state arrays. */
+static void mix_into(double *mean, double *var, double *res, const double *b_mean,
+                     const double *b_var, const double *b_res, int64_t d, double wa, double wb) {
+    double total = wa + wb;
+    if (!(total > 0)) return;
+    double fa = wa / total, fb = wb / total;
+    for (int64_t j = 0; j < d; j++) {
+        double dh, dl, hi, lo, m, r;
+        two_sum(b_mean[j], -mean[j], &dh, &dl);
+        dl = dl + (b_res[j] - res[j]);
+        double delta = dh + dl;
+        two_sum(mean[j], fb * dh, &hi, &lo);
+        two_sum(hi, lo + fb * dl + res[j], &m, &r);
+        double v = fa * var[j] + fb * b_var[j] + (fa * fb) * (delta * delta);
+        var[j] = v > DBL_MAX ? DBL_MAX : v;
+        mean[j] = m;
+        res[j] = r;
+    }
+}
+
+/* ------------------------------------------------------------------------ entry points */
+
+/* update(x, is_f64, n, d, w, mean, var, res, weight_sum, count, nonfinite_count, momentum,
+ *        var_floor, until, raise_nonfinite, out_batch, out_count, threads)
+ *   -> (nonfinite, applied)
+ * momentum < 0: exact merge; var_floor < 0: none; until < 0: none. out_batch receives the
+ * batch mean, variance and mean residual (d each) and its weight (3 d + 1 doubles), out_count
+ * its count. With raise_nonfinite and non-finite rows the state is not written, applied is 0. */
+static PyObject *k_update(PyObject *self, PyObject *args) {
+    unsigned long long px, pw, pmean, pvar, pres, pwsum, pcount, pnonf, pout, poutc;
+    long long n, d, until;
+    int is_f64, raise_nonfinite, threads;
+    double momentum, var_floor;
+    if (!PyArg_ParseTuple(args, "KiLLKKKKKKKddLiKKi", &px, &is_f64, &n, &d, &pw, &pmean, &pvar,
+                          &pres, &pwsum, &pcount, &pnonf, &momentum, &var_floor, &until,
+                          &raise_nonfinite, &pout, &poutc, &threads))
+        return NULL;
+    const void *x = (const void *)(uintptr_t)px;
+    const double *w = (const double *)(uintptr_t)pw;
+    double *mean = (double *)(uintptr_t)pmean, *var = (double *)(uintptr_t)pvar;
+    double *res = (double *)(uintptr_t)pres, *wsum = (double *)(uintptr_t)pwsum;
+    int64_t *count = (int64_t *)(uintptr_t)pcount, *nonf = (int64_t *)(uintptr_t)pnonf;
+    double *b_mean = (double *)(uintptr_t)pout, *b_var = b_mean + d, *b_res = b_mean + 2 * d;
+    double *b_weight = b_mean + 3 * d;
+    int64_t *b_count_out = (int64_t *)(uintptr_t)poutc;
+
+    double weight = 0.0;
+    int64_t b_count = 0, nonfinite = 0;
+    int applied = 1, failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double *sums = malloc(sizeof(double) * (d > 0 ? 3 * d : 1));
+    if (!sums) {
+        failed = 1;
+    } else {
+        double *shift = sums, *s = sums + d, *q = sums + 2 * d;
+        int active = until < 0 || *count < until;
+        if (active) {
+            batch_shift(x, is_f64, n, d, w, shift);
+            failed = shifted_sums(x, is_f64, n, d, w, shift, s, q, &weight, &b_count, &nonfinite,
+                                  threads) != 0;
+        } else {
+            /* Past `until` every row has weight 0: an empty batch around shift 0. */
+            memset(sums, 0, sizeof(double) * 3 * d);
+        }
+        if (!failed && raise_nonfinite && nonfinite > 0) applied = 0;
+        if (!failed && applied) {
+            /* moments.batch_moments */
+            double wdiv = weight > DBL_MIN ? weight : DBL_MIN;
+            for (int64_t j = 0; j < d; j++) {
+                double offset = s[j] / wdiv;
+                double v = q[j] / wdiv - offset * offset;
+                b_var[j] = v < 0.0 ? 0.0 : (v > DBL_MAX ? DBL_MAX : v);
+                two_sum(shift[j], offset, &b_mean[j], &b_res[j]);
+            }
+            /* moments.merge / moments.merge_ema */
+            double wa = *wsum, wb = weight;
+            if (momentum >= 0.0) {
+                int has_data = weight > 0;
+                wa = has_data ? momentum * wa : wa;
+                wb = (1.0 - momentum) * (has_data ? 1.0 : 0.0);
+            }
+            mix_into(mean, var, res, b_mean, b_var, b_res, d, wa, wb);
+            if (var_floor >= 0.0 && weight > 0) {
+                for (int64_t j = 0; j < d; j++) {
+                    double gap = b_mean[j] - mean[j];
+                    double floor = var_floor * (b_var[j] + gap * gap);
+                    if (floor > var[j]) var[j] = floor;
+                }
+            }
+            *wsum = wa + wb;
+            *count += b_count;
+            *nonf += nonfinite;
+        }
+        free(sums);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    *b_weight = weight;
+    *b_count_out = b_count;
+    return Py_BuildValue("Li", (long long)nonfinite, applied);
+}
+
+/* shifted_sums(x, is_f64, n, d, w, shift, out_sum, out_sq, threads)
+ *   -> (weight, count, nonfinite) */
+static PyObject *k_shifted_sums(PyObject *self, PyObject *args) {
+    unsigned long long px, pw, pshift, ps, pq;
+    long long n, d;
+    int is_f64, threads;
+    if (!PyArg_ParseTuple(args, "KiLLKKKKi", &px, &is_f64, &n, &d, &pw, &pshift, &ps, &pq,
+                          &threads))
+        return NULL;
+    double weight = 0.0;
+    int64_t count = 0, nonfinite = 0;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = shifted_sums((const void *)(uintptr_t)px, is_f64, n, d,
+                          (const double *)(uintptr_t)pw, (const double *)(uintptr_t)pshift,
+                          (double *)(uintptr_t)ps, (double *)(uintptr_t)pq, &weight, &count,
+                          &nonfinite, threads);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    return Py_BuildValue("dLL", weight, (long long)count, (long long)nonfinite);
+}
+
+/* ------------------------------------------------------------------------ normalize */
+
+typedef struct {
+    const void *x;
+    void *y;
+    int is_f64;
+    int64_t d, begin, end; /* element range, a whole number of rows */
+    const void *offset, *scale;
+    int clip;
+    double bound;
+} NormTask;
+
+HOT static void normalize_range(const NormTask *t) {
+    const int64_t d = t->d;
+    if (t->is_f64) {
+        const double *x = t->x, *o = t->offset, *sc = t->scale;
+        double *y = t->y;
+        const double hi = t->bound, lo = -t->bound;
+        for (int64_t k = t->begin; k < t->end; k += d) {
+            for (int64_t j = 0; j < d; j++) {
+                double v = (x[k + j] - o[j]) * sc[j];
+                if (t->clip) v = v < lo ? lo : (v > hi ? hi : v);
+                y[k + j] = v;
+            }
+        }
+    } else {
+        const float *x = t->x, *o = t->offset, *sc = t->scale;
+        float *y = t->y;
+        const float hi = (float)t->bound, lo = -(float)t->bound;
+        for (int64_t k = t->begin; k < t->end; k += d) {
+            for (int64_t j = 0; j < d; j++) {
+                float v = (x[k + j] - o[j]) * sc[j];
+                if (t->clip) v = v < lo ? lo : (v > hi ? hi : v);
+                y[k + j] = v;
+            }
+        }
+    }
+}
+
+#if HAVE_THREADS
+static void *normalize_worker(void *arg) {
+    normalize_range((const NormTask *)arg);
+    return NULL;
+}
+#endif
+
+/* normalize(x, y, is_f64, n, d, offset, scale, clip) with clip < 0 for none:
+ * y = clamp((x - offset) * scale, -clip, clip) in x's dtype; NaN stays NaN (as torch.clamp). */
+static PyObject *k_normalize(PyObject *self, PyObject *args) {
+    unsigned long long px, py, po, ps;
+    long long n, d;
+    int is_f64, threads;
+    double clip;
+    if (!PyArg_ParseTuple(args, "KKiLLKKdi", &px, &py, &is_f64, &n, &d, &po, &ps, &clip,
+                          &threads))
+        return NULL;
+    NormTask base = {(const void *)(uintptr_t)px, (void *)(uintptr_t)py, is_f64, d, 0, n * d,
+                     (const void *)(uintptr_t)po, (const void *)(uintptr_t)ps, clip >= 0, clip};
+    if (d <= 0 || n <= 0) Py_RETURN_NONE;
+    int64_t parts = (n * d) / CHUNK_ELEMENTS;
+    if (parts > threads) parts = threads;
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    if (parts < 1) parts = 1;
+    Py_BEGIN_ALLOW_THREADS
+#if HAVE_THREADS
+    if (parts > 1) {
+        NormTask tasks[MAX_THREADS];
+        pthread_t ids[MAX_THREADS];
+        int started[MAX_THREADS] = {0};
+        for (int64_t k = 0; k < parts; k++) {
+            tasks[k] = base;
+            tasks[k].begin = (n * k / parts) * d;
+            tasks[k].end = (n * (k + 1) / parts) * d;
+        }
+        for (int64_t k = 1; k < parts; k++)
+            started[k] = pthread_create(&ids[k], NULL, normalize_worker, &tasks[k]) == 0;
+        normalize_range(&tasks[0]);
+        for (int64_t k = 1; k < parts; k++) {
+            if (started[k])
+                pthread_join(ids[k], NULL);
+            else
+                normalize_range(&tasks[k]);
+        }
+    } else {
+        normalize_range(&base);
+    }
+#else
+    normalize_range(&base);
+#endif
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see _native.py)."},
+    {"shifted_sums", k_shifted_sums, METH_VARARGS, "Fused shifted sums (see _native.py)."},
+    {"normalize", k_normalize, METH_VARARGS, "Fused normalize (see _native.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "Native CPU kernels of rlnorm.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

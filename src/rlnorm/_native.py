@@ -1,0 +1,253 @@
+"""Dispatch to rlnorm's optional native CPU kernels (``rlnorm/_kernels.c``).
+
+On the CPU, torch runs an update as about fifty small operations and several passes over the
+batch (a float64 reduction over rows alone costs about thirty plain sums), so per-call overhead
+dominates small batches and memory traffic large ones. The kernels fuse each of ``update`` and
+``normalize`` into one pass over the batch with float64 accumulation, applying exactly the
+formulas of :mod:`rlnorm.moments`.
+
+They are used only where they are drop-ins: eager mode (not traced by ``torch.compile``,
+``torch.export`` or ``torch.jit``), CPU tensors of dtype float32 or float64, no autograd through
+the input, and no distributed reduction. Everything else, including CUDA, runs the torch code,
+which is also the fallback when the extension was not built (no C compiler at install time).
+Set the environment variable ``RLNORM_NATIVE=0`` to turn them off.
+
+Example:
+    >>> from rlnorm import _native
+    >>> with _native.native_kernels(False):  # force the torch code path
+    ...     pass
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rlnorm import _validation as check
+from rlnorm.moments import Moments, ShiftedSums
+
+if TYPE_CHECKING:
+    from rlnorm.running_mean_std import RunningMeanStd
+
+_kernels: ModuleType | None
+try:
+    from rlnorm import _kernels
+except ImportError:  # built without a C compiler: the torch code path serves
+    _kernels = None
+
+__all__ = ["available", "enabled", "native_kernels"]
+
+_FLOATS = (torch.float32, torch.float64)
+_enabled = _kernels is not None and os.environ.get("RLNORM_NATIVE", "1") != "0"
+
+
+def available() -> bool:
+    """Whether the native kernels were built and can be imported."""
+    return _kernels is not None
+
+
+def enabled() -> bool:
+    """Whether eligible calls currently use the native kernels."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def native_kernels(on: bool) -> Iterator[None]:
+    """Turn the native kernels on or off inside a ``with`` block (tests and benchmarks).
+
+    Args:
+        on: use the kernels where eligible; turning them on without the extension built is a
+            no-op.
+    """
+    global _enabled
+    previous = _enabled
+    _enabled = bool(on) and _kernels is not None
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def eligible(x: Tensor) -> bool:
+    """Whether a batch can take the native path (static facts only, no data read)."""
+    return (
+        _enabled
+        and type(x) is Tensor
+        and x.device.type == "cpu"
+        and x.dtype in _FLOATS
+        and x.is_contiguous()
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+def _state_ok(rms: RunningMeanStd) -> bool:
+    """Whether the kernels may write ``rms``'s buffers through raw pointers.
+
+    They must be contiguous CPU float64 (the counts int64). The answer is cached on the
+    module for as long as the buffer objects stay the same (``.to()`` and ``_apply`` replace
+    them; ``load_state_dict`` copies into them).
+    """
+    state = (
+        rms.mean,
+        rms.var,
+        rms.mean_residual,
+        rms.weight_sum,
+        rms.count,
+        rms.nonfinite_count,
+    )
+    cached = rms._native_state
+    if cached is not None and all(a is b for a, b in zip(cached, state, strict=True)):
+        return True
+    ok = all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not t.is_inference()
+        for t, dtype in zip(state, (torch.float64,) * 4 + (torch.int64,) * 2, strict=True)
+    )
+    rms._native_state = state if ok else None
+    return ok
+
+
+def _increment_versions_each(tensors: tuple[Tensor, ...]) -> None:
+    for t in tensors:
+        torch._C._increment_version(t)
+
+
+def _pick_increment_versions() -> Callable[[tuple[Tensor, ...]], None]:
+    """Bump version counters of tensors written behind torch's back (one C call if possible).
+
+    Version-keyed caches (``normalize``'s affine) and autograd's check that saved tensors were
+    not modified in place rely on them, as for any in-place torch operation.
+    """
+    try:
+        torch._C._increment_version((torch.empty(0),))  # torch >= 2.5 takes a sequence
+    except TypeError:
+        return _increment_versions_each
+    return torch._C._increment_version
+
+
+_increment_versions = _pick_increment_versions()
+
+
+def try_update(
+    rms: RunningMeanStd, flat: Tensor, weights: Tensor | None, input_shape: torch.Size
+) -> Moments | None:
+    """Fold a ``(rows, features)`` batch into ``rms`` with one native call.
+
+    Returns:
+        The batch's moments, as :meth:`RunningMeanStd.update` returns them, or ``None`` when
+        the native path does not apply (the caller runs the torch code).
+
+    Raises:
+        ValueError: ``nonfinite="raise"`` and the batch holds NaN or Inf rows; the statistics
+            are unchanged.
+    """
+    if (
+        not eligible(flat)
+        or (weights is not None and not weights.is_contiguous())
+        or not _state_ok(rms)
+    ):
+        return None
+    n, d = flat.shape
+    # Batch mean, variance and mean residual, then its weight, in one allocation.
+    out = torch.empty(3 * d + 1, dtype=torch.float64)
+    count = torch.empty((), dtype=torch.int64)
+    nonfinite, applied = _kernels.update(  # type: ignore[union-attr]
+        flat.data_ptr(),
+        flat.dtype == torch.float64,
+        n,
+        d,
+        0 if weights is None else weights.data_ptr(),
+        rms.mean.data_ptr(),
+        rms.var.data_ptr(),
+        rms.mean_residual.data_ptr(),
+        rms.weight_sum.data_ptr(),
+        rms.count.data_ptr(),
+        rms.nonfinite_count.data_ptr(),
+        -1.0 if rms.momentum is None else rms.momentum,
+        -1.0 if rms.var_floor is None else rms.var_floor,
+        -1 if rms.until is None else rms.until,
+        rms.nonfinite == "raise",
+        out.data_ptr(),
+        count.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if not applied:
+        raise check.nonfinite_error(nonfinite, input_shape)
+    _increment_versions(rms._native_state)  # type: ignore[arg-type]  # set by _state_ok
+    mean, var, mean_residual, weight = out.split((d, d, d, 1))
+    shape = rms.shape
+    return Moments(
+        weight.view(()), count, mean.view(shape), var.view(shape), mean_residual.view(shape)
+    )
+
+
+def _is_cpu_f64(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float64
+
+
+def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSums | None:
+    """Native :func:`rlnorm.moments.shifted_sums` of a 2-D batch, or ``None`` if ineligible."""
+    if (
+        not eligible(x)
+        or shift.device.type != "cpu"
+        or shift.dtype != torch.float64
+        or (
+            weights is not None and (weights.device.type != "cpu" or weights.dtype != torch.float64)
+        )
+    ):
+        return None
+    shift = shift.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    n, d = x.shape
+    sums = torch.empty((2, d), dtype=torch.float64)
+    weight, count, nonfinite = _kernels.shifted_sums(  # type: ignore[union-attr]
+        x.data_ptr(),
+        x.dtype == torch.float64,
+        n,
+        d,
+        0 if weights is None else weights.data_ptr(),
+        shift.data_ptr(),
+        sums[0].data_ptr(),
+        sums[1].data_ptr(),
+        torch.get_num_threads(),
+    )
+    return ShiftedSums(
+        torch.tensor(weight, dtype=torch.float64),
+        torch.tensor(count, dtype=torch.int64),
+        sums[0],
+        sums[1],
+        torch.tensor(nonfinite, dtype=torch.int64),
+        shift,
+    )
+
+
+def try_normalize(x: Tensor, offset: Tensor, scale: Tensor, bound: float | None) -> Tensor | None:
+    """``clamp((x - offset) * scale, -bound, bound)`` in one pass, or ``None`` if ineligible.
+
+    ``offset`` and ``scale`` must already be contiguous in ``x``'s dtype with ``numel``
+    features; ``bound=None`` skips the clamp.
+    """
+    if not eligible(x) or offset.dtype != x.dtype:
+        return None
+    d = offset.numel()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _kernels.normalize(  # type: ignore[union-attr]
+        x.data_ptr(),
+        out.data_ptr(),
+        x.dtype == torch.float64,
+        x.numel() // max(d, 1),
+        d,
+        offset.data_ptr(),
+        scale.data_ptr(),
+        -1.0 if bound is None else bound,
+        torch.get_num_threads(),
+    )
+    return out
