@@ -68,7 +68,8 @@ def test_native_update_matches_the_torch_path_within_1e13(dtype, momentum, mask)
     assert_states_agree(native, ref)
     for a, b in zip(native_moments, ref_moments, strict=True):
         assert a.mean.shape == b.mean.shape == (2, 3)
-        assert a.weight.dtype == F64 and a.count.dtype == torch.int64
+        assert a.weight.dtype == F64
+        assert a.count.dtype == torch.int64
         assert torch.equal(a.count, b.count)
         assert_close(a.weight, b.weight, rtol=1e-15)
         assert_close(a.mean, b.mean, rtol=1e-13)
@@ -94,7 +95,7 @@ def test_native_update_skips_and_counts_nonfinite_rows_like_the_torch_path() -> 
     mask = torch.ones(40)
     mask[5] = 0.0
     x[5, 2] = float("nan")  # masked out: padding, not counted
-    (native, moments), (ref, _) = both_paths(lambda: RunningMeanStd(3), [(x, mask)])
+    (native, _moments), (ref, _) = both_paths(lambda: RunningMeanStd(3), [(x, mask)])
     assert_states_agree(native, ref)
     assert int(native["nonfinite_count"]) == 4
     keep = torch.ones(40, dtype=torch.bool)
@@ -131,7 +132,8 @@ def test_native_sums_are_bitwise_independent_of_the_thread_count(threads: int) -
         many = shifted_sums(x, None, shift)
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(one.sum, many.sum) and torch.equal(one.sum_sq, many.sum_sq)
+    assert torch.equal(one.sum, many.sum)
+    assert torch.equal(one.sum_sq, many.sum_sq)
     ref = shifted_sums(x, None, shift, chunk_elements=1 << 18)  # the torch code path
     assert_close(many.sum, ref.sum, rtol=1e-12, atol=1e-9)
     assert_close(many.sum_sq, ref.sum_sq, rtol=1e-13)
@@ -172,7 +174,8 @@ def test_native_normalize_is_bitwise_equal_to_the_torch_formula(dtype, clip, cen
             native = rms.normalize(x)
         with _native.native_kernels(False):
             ref = rms.normalize(x)
-        assert native.dtype == dtype and native.shape == x.shape
+        assert native.dtype == dtype
+        assert native.shape == x.shape
         assert torch.equal(native.nan_to_num(nan=123.0), ref.nan_to_num(nan=123.0))
         assert bool(native[4, 1].isnan())
         rms.update(torch.randn(64, 5, dtype=F64) * 2 + 1)
