@@ -1,14 +1,19 @@
 """Time rlnorm's update / normalize against SB3, Gymnasium and TorchRL normalizers and two floors.
 
 Usage (the peers come with the ``bench`` extra: ``pip install -e ".[bench]"``):
-    python benchmarks/bench_peers.py [--device cpu|cuda] [--repeats 15] [--threads N] [--out [PATH]]
+    python benchmarks/bench_peers.py [--device cpu|cuda] [--repeats 15] [--threads N]
+        [--skip-compile] [--out [PATH]]
 
 For float32 batches of shape (16, 8), (1024, 64) and (16384, 256) it prints, per shape, a markdown
 table of microseconds per call (median of repeats, warm-up excluded) of ``update`` and
 ``normalize`` for every candidate, and each time as a ratio to rlnorm eager (peer / rlnorm:
 above 1 means rlnorm is faster). What is timed, exactly:
 
-- rlnorm eager: ``RunningMeanStd(dims).update(x)`` and ``.normalize(x)`` on the torch tensor.
+- rlnorm eager: ``RunningMeanStd(dims).update(x)`` and ``.normalize(x)`` on the torch tensor:
+  what users get by default (on the CPU, the native kernels when built).
+- rlnorm torch path (CPU only): the same with the native kernels turned off
+  (``rlnorm._native.native_kernels(False)``, as ``RLNORM_NATIVE=0`` does), i.e. the code that
+  also runs under ``torch.compile`` and on CUDA.
 - rlnorm compiled: ``torch.compile(rms.update, fullgraph=True)`` and the same for ``normalize``,
   on a separate instance; the compile time (first call) is reported separately, not timed.
 - SB3: ``stable_baselines3.common.running_mean_std.RunningMeanStd.update`` on the numpy view of
@@ -53,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlnorm import RunningMeanStd
+from rlnorm import RunningMeanStd, _native
 
 SHAPES = [(16, 8), (1024, 64), (16384, 256)]
 EPS = 1e-8
@@ -102,9 +107,11 @@ class Candidate:
         self.note = note
 
 
-def make_candidates(x: torch.Tensor, compile_times: dict[str, float]) -> list[Candidate]:
+def make_candidates(
+    x: torch.Tensor, compile_times: dict[str, float], skip_compile: bool
+) -> list[Candidate]:
     """All candidates for one batch ``x``, each already updated once with it (warm state)."""
-    rows, dims = x.shape
+    dims = x.shape[1]
     device = x.device
     x_np = x.detach().cpu().numpy()  # a view on the CPU; a host copy for CUDA inputs
     cands = []
@@ -113,8 +120,32 @@ def make_candidates(x: torch.Tensor, compile_times: dict[str, float]) -> list[Ca
     rms.update(x)
     cands.append(Candidate("rlnorm eager", lambda: rms.update(x), lambda: rms.normalize(x)))
 
+    if device.type == "cpu" and _native.available():
+        rms_t = RunningMeanStd(dims, device=device)
+        rms_t.update(x)
+
+        def torch_update() -> object:
+            with _native.native_kernels(False):
+                return rms_t.update(x)
+
+        def torch_normalize() -> object:
+            with _native.native_kernels(False):
+                return rms_t.normalize(x)
+
+        cands.append(Candidate("rlnorm torch path", torch_update, torch_normalize))
+
+    if not skip_compile:
+        cands.append(compiled_candidate(x, compile_times))
+    cands += peer_candidates(x, x_np)
+    check_agreement(x, rms, cands)
+    return cands
+
+
+def compiled_candidate(x: torch.Tensor, compile_times: dict[str, float]) -> Candidate:
+    """``torch.compile(fullgraph=True)`` of update and normalize; the compile time is kept."""
+    device = x.device
     torch._dynamo.reset()
-    rms_c = RunningMeanStd(dims, device=device)
+    rms_c = RunningMeanStd(x.shape[1], device=device)
     update_c = torch.compile(rms_c.update, fullgraph=True)
     norm_c = torch.compile(rms_c.normalize, fullgraph=True)
     for key, fn in (("update", update_c), ("normalize", norm_c)):
@@ -123,7 +154,14 @@ def make_candidates(x: torch.Tensor, compile_times: dict[str, float]) -> list[Ca
         fn(x)
         sync(device)
         compile_times[key] = time.perf_counter() - start
-    cands.append(Candidate("rlnorm compiled", lambda: update_c(x), lambda: norm_c(x)))
+    return Candidate("rlnorm compiled", lambda: update_c(x), lambda: norm_c(x))
+
+
+def peer_candidates(x: torch.Tensor, x_np: np.ndarray) -> list[Candidate]:
+    """The peers that are installed, and the two floors."""
+    rows, dims = x.shape
+    device = x.device
+    cands = []
 
     try:
         from stable_baselines3.common.running_mean_std import RunningMeanStd as SB3RunningMeanStd
@@ -161,8 +199,8 @@ def make_candidates(x: torch.Tensor, compile_times: dict[str, float]) -> list[Ca
     try:
         from tensordict import TensorDict
         from torchrl.envs.transforms import VecNormV2
-    except ImportError:
-        print("torchrl not installed: skipped")
+    except (ImportError, OSError) as err:  # OSError: a build for another torch version
+        print(f"torchrl not usable ({type(err).__name__}): skipped")
     else:
         td = TensorDict({"observation": x}, batch_size=[rows], device=device)
         vn = VecNormV2(in_keys=["observation"], reduce_batch_dims=True, decay=1.0).to(device)
@@ -178,7 +216,6 @@ def make_candidates(x: torch.Tensor, compile_times: dict[str, float]) -> list[Ca
 
     cands.append(Candidate("floor: read x.sum(0)", lambda: x.sum(0), None))
     cands.append(Candidate("floor: copy x.clone()", None, lambda: x.clone()))
-    check_agreement(x, x_np, rms, norm_c, cands)
     return cands
 
 
@@ -190,13 +227,13 @@ def as_numpy(y: object) -> np.ndarray:
     return np.asarray(y)
 
 
-def check_agreement(x, x_np, rms, norm_c, cands: list[Candidate]) -> None:
-    """All normalizers saw ``x`` once: their normalized outputs must agree with rlnorm's."""
+def check_agreement(x: torch.Tensor, rms: RunningMeanStd, cands: list[Candidate]) -> None:
+    """All normalizers saw ``x`` once (rlnorm eager: ``rms``); their outputs must agree."""
     ref = rms.normalize(x).cpu().numpy()
-    outputs = {"rlnorm compiled": as_numpy(norm_c(x))}
+    outputs = {}
     for cand in cands:
         fn = cand.fns["normalize"]
-        if fn is not None and not cand.name.startswith(("rlnorm", "floor")):
+        if fn is not None and cand.name != "rlnorm eager" and not cand.name.startswith("floor"):
             outputs[cand.name] = as_numpy(fn())
     for name, out in outputs.items():
         err = float(np.abs(out.astype(np.float64) - ref).max())
@@ -227,12 +264,12 @@ def calibrate(fn: Fn, block_s: float, device: torch.device) -> int:
 
 
 def bench_shape(
-    rows: int, dims: int, device: torch.device, repeats: int, block_s: float
+    rows: int, dims: int, device: torch.device, repeats: int, block_s: float, skip_compile: bool
 ) -> tuple[str, dict[str, float]]:
     gen = torch.Generator().manual_seed(rows * 1000 + dims)
     x = (torch.randn(rows, dims, generator=gen) * 3 + 5).to(device)
     compile_times: dict[str, float] = {}
-    cands = make_candidates(x, compile_times)
+    cands = make_candidates(x, compile_times, skip_compile)
     jobs = [
         (cand.name, op, fn, calibrate(fn, block_s, device))
         for cand in cands
@@ -261,13 +298,33 @@ def bench_shape(
         f"| {cand.name} | {cell(cand.name, 'update')} | {cell(cand.name, 'normalize')} |"
         for cand in cands
     ]
-    lines += [
-        "",
-        f"Compile time of the rlnorm compiled versions (first call, not in the table): update "
-        f"{compile_times['update']:.2f} s, normalize {compile_times['normalize']:.2f} s.",
-        "",
-    ]
+    lines += ["", targets_line(med)]
+    if compile_times:
+        lines.append(
+            f"Compile time of the rlnorm compiled versions (first call, not in the table): "
+            f"update {compile_times['update']:.2f} s, normalize {compile_times['normalize']:.2f} s."
+        )
+    lines.append("")
     return "\n".join(lines), med
+
+
+def targets_line(med: dict[tuple[str, str], float]) -> str:
+    """rlnorm eager against the floors and SB3, in the terms of the performance targets."""
+    parts = []
+    eager = {op: med["rlnorm eager", op] for op in ("update", "normalize")}
+    if ("floor: read x.sum(0)", "update") in med:
+        floor = med["floor: read x.sum(0)", "update"]
+        parts.append(f"update = {eager['update'] / floor:.2f}x the read floor")
+    if ("floor: copy x.clone()", "normalize") in med:
+        parts.append(
+            f"normalize = {eager['normalize'] / med['floor: copy x.clone()', 'normalize']:.2f}x "
+            "the copy floor"
+        )
+    sb3 = "SB3 RunningMeanStd / VecNormalize"
+    for op in ("update", "normalize"):
+        if (sb3, op) in med:
+            parts.append(f"SB3 / rlnorm {op} = {med[sb3, op] / eager[op]:.1f}")
+    return "rlnorm eager: " + "; ".join(parts) + "."
 
 
 def main() -> None:
@@ -275,6 +332,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--skip-compile", action="store_true", help="leave out the torch.compile versions"
+    )
     parser.add_argument(
         "--block-ms", type=float, default=5.0, help="target duration of one timed block"
     )
@@ -306,7 +366,9 @@ def main() -> None:
     print("\n".join(header), flush=True)
     parts = list(header)
     for rows, dims in SHAPES:
-        table, _ = bench_shape(rows, dims, device, args.repeats, args.block_ms / 1e3)
+        table, _ = bench_shape(
+            rows, dims, device, args.repeats, args.block_ms / 1e3, args.skip_compile
+        )
         print(table, flush=True)
         parts.append(table)
     if args.out is not None:

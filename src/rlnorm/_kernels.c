@@ -315,28 +315,29 @@ static void mix_into(double *mean, double *var, double *res, const double *b_mea
 /* ------------------------------------------------------------------------ entry points */
 
 /* update(x, is_f64, n, d, w, mean, var, res, weight_sum, count, nonfinite_count, momentum,
- *        var_floor, until, raise_nonfinite, out_batch, out_count, threads)
- *   -> (nonfinite, applied)
- * momentum < 0: exact merge; var_floor < 0: none; until < 0: none. out_batch receives the
- * batch mean, variance and mean residual (d each) and its weight (3 d + 1 doubles), out_count
- * its count. With raise_nonfinite and non-finite rows the state is not written, applied is 0. */
+ *        var_floor, until, raise_nonfinite, out_mean, out_var, out_res, out_weight, out_count,
+ *        threads) -> (nonfinite, applied)
+ * momentum < 0: exact merge; var_floor < 0: none; until < 0: none. The out_* arguments
+ * receive the batch moments. With raise_nonfinite and non-finite rows the state is not
+ * written and applied is 0. */
 static PyObject *k_update(PyObject *self, PyObject *args) {
-    unsigned long long px, pw, pmean, pvar, pres, pwsum, pcount, pnonf, pout, poutc;
+    unsigned long long px, pw, pmean, pvar, pres, pwsum, pcount, pnonf;
+    unsigned long long pom, pov, por, pow_, poc;
     long long n, d, until;
     int is_f64, raise_nonfinite, threads;
     double momentum, var_floor;
-    if (!PyArg_ParseTuple(args, "KiLLKKKKKKKddLiKKi", &px, &is_f64, &n, &d, &pw, &pmean, &pvar,
-                          &pres, &pwsum, &pcount, &pnonf, &momentum, &var_floor, &until,
-                          &raise_nonfinite, &pout, &poutc, &threads))
+    if (!PyArg_ParseTuple(args, "KpLLKKKKKKKddLpKKKKKi", &px, &is_f64, &n, &d, &pw, &pmean,
+                          &pvar, &pres, &pwsum, &pcount, &pnonf, &momentum, &var_floor, &until,
+                          &raise_nonfinite, &pom, &pov, &por, &pow_, &poc, &threads))
         return NULL;
     const void *x = (const void *)(uintptr_t)px;
     const double *w = (const double *)(uintptr_t)pw;
     double *mean = (double *)(uintptr_t)pmean, *var = (double *)(uintptr_t)pvar;
     double *res = (double *)(uintptr_t)pres, *wsum = (double *)(uintptr_t)pwsum;
     int64_t *count = (int64_t *)(uintptr_t)pcount, *nonf = (int64_t *)(uintptr_t)pnonf;
-    double *b_mean = (double *)(uintptr_t)pout, *b_var = b_mean + d, *b_res = b_mean + 2 * d;
-    double *b_weight = b_mean + 3 * d;
-    int64_t *b_count_out = (int64_t *)(uintptr_t)poutc;
+    double *b_mean = (double *)(uintptr_t)pom, *b_var = (double *)(uintptr_t)pov;
+    double *b_res = (double *)(uintptr_t)por, *b_weight = (double *)(uintptr_t)pow_;
+    int64_t *b_count_out = (int64_t *)(uintptr_t)poc;
 
     double weight = 0.0;
     int64_t b_count = 0, nonfinite = 0;
@@ -400,7 +401,7 @@ static PyObject *k_shifted_sums(PyObject *self, PyObject *args) {
     unsigned long long px, pw, pshift, ps, pq;
     long long n, d;
     int is_f64, threads;
-    if (!PyArg_ParseTuple(args, "KiLLKKKKi", &px, &is_f64, &n, &d, &pw, &pshift, &ps, &pq,
+    if (!PyArg_ParseTuple(args, "KpLLKKKKi", &px, &is_f64, &n, &d, &pw, &pshift, &ps, &pq,
                           &threads))
         return NULL;
     double weight = 0.0;
@@ -462,18 +463,20 @@ static void *normalize_worker(void *arg) {
 }
 #endif
 
-/* normalize(x, y, is_f64, n, d, offset, scale, clip) with clip < 0 for none:
- * y = clamp((x - offset) * scale, -clip, clip) in x's dtype; NaN stays NaN (as torch.clamp). */
+/* normalize(x, y, is_f64, n, d, offset, scale, bound, threads):
+ * y = clamp((x - offset) * scale, -bound, bound) in x's dtype (bound may be inf); NaN stays NaN
+ * as in torch.clamp. */
 static PyObject *k_normalize(PyObject *self, PyObject *args) {
     unsigned long long px, py, po, ps;
     long long n, d;
     int is_f64, threads;
     double clip;
-    if (!PyArg_ParseTuple(args, "KKiLLKKdi", &px, &py, &is_f64, &n, &d, &po, &ps, &clip,
+    if (!PyArg_ParseTuple(args, "KKpLLKKdi", &px, &py, &is_f64, &n, &d, &po, &ps, &clip,
                           &threads))
         return NULL;
     NormTask base = {(const void *)(uintptr_t)px, (void *)(uintptr_t)py, is_f64, d, 0, n * d,
-                     (const void *)(uintptr_t)po, (const void *)(uintptr_t)ps, clip >= 0, clip};
+                     (const void *)(uintptr_t)po, (const void *)(uintptr_t)ps, !isinf(clip),
+                     clip};
     if (d <= 0 || n <= 0) Py_RETURN_NONE;
     int64_t parts = (n * d) / CHUNK_ELEMENTS;
     if (parts > threads) parts = threads;

@@ -79,7 +79,7 @@ def eligible(x: Tensor) -> bool:
     return (
         _enabled
         and type(x) is Tensor
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype in _FLOATS
         and x.is_contiguous()
         and not (x.requires_grad and torch.is_grad_enabled())
@@ -89,30 +89,43 @@ def eligible(x: Tensor) -> bool:
     )
 
 
-def _state_ok(rms: RunningMeanStd) -> bool:
-    """Whether the kernels may write ``rms``'s buffers through raw pointers.
+#: The buffers the update kernel writes, in the order of its arguments, and their dtypes.
+_STATE = ("mean", "var", "mean_residual", "weight_sum", "count", "nonfinite_count")
+_STATE_DTYPES = (torch.float64,) * 4 + (torch.int64,) * 2
 
-    They must be contiguous CPU float64 (the counts int64). The answer is cached on the
-    module for as long as the buffer objects stay the same (``.to()`` and ``_apply`` replace
-    them; ``load_state_dict`` copies into them).
+
+def _state_pointers(rms: RunningMeanStd) -> tuple[int, ...] | None:
+    """Addresses of ``rms``'s buffers if the kernels may write them, else ``None``.
+
+    They must be contiguous CPU float64 (the counts int64) and not inference tensors. The
+    answer is cached on the module and reused while the buffers are the same objects at the
+    same addresses: ``.to()`` replaces them, ``load_state_dict`` copies into them.
     """
-    state = (
-        rms.mean,
-        rms.var,
-        rms.mean_residual,
-        rms.weight_sum,
-        rms.count,
-        rms.nonfinite_count,
-    )
+    buffers = rms._buffers
     cached = rms._native_state
-    if cached is not None and all(a is b for a, b in zip(cached, state, strict=True)):
-        return True
+    if cached is not None:
+        tensors, pointers = cached
+        for name, t, p in zip(_STATE, tensors, pointers):  # noqa: B905 (hot path)
+            b = buffers[name]
+            if b is not t or b.data_ptr() != p:  # type: ignore[union-attr]
+                break
+        else:
+            return pointers
+    state = tuple(buffers[name] for name in _STATE)
     ok = all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not t.is_inference()
-        for t, dtype in zip(state, (torch.float64,) * 4 + (torch.int64,) * 2, strict=True)
+        t is not None
+        and t.is_cpu
+        and t.dtype == dtype
+        and t.is_contiguous()
+        and not t.is_inference()
+        for t, dtype in zip(state, _STATE_DTYPES, strict=True)
     )
-    rms._native_state = state if ok else None
-    return ok
+    if not ok:
+        rms._native_state = None
+        return None
+    pointers = tuple(t.data_ptr() for t in state)  # type: ignore[union-attr]
+    rms._native_state = (state, pointers)
+    return pointers
 
 
 def _increment_versions_each(tensors: tuple[Tensor, ...]) -> None:
@@ -149,44 +162,38 @@ def try_update(
         ValueError: ``nonfinite="raise"`` and the batch holds NaN or Inf rows; the statistics
             are unchanged.
     """
-    if (
-        not eligible(flat)
-        or (weights is not None and not weights.is_contiguous())
-        or not _state_ok(rms)
-    ):
+    if not eligible(flat) or (weights is not None and not weights.is_contiguous()):
+        return None
+    pointers = _state_pointers(rms)
+    if pointers is None:
         return None
     n, d = flat.shape
-    # Batch mean, variance and mean residual, then its weight, in one allocation.
-    out = torch.empty(3 * d + 1, dtype=torch.float64)
+    shape = rms.shape
+    mean, var, mean_residual = torch.empty((3, *shape), dtype=torch.float64).unbind()
+    weight = torch.empty((), dtype=torch.float64)
     count = torch.empty((), dtype=torch.int64)
     nonfinite, applied = _kernels.update(  # type: ignore[union-attr]
         flat.data_ptr(),
-        flat.dtype == torch.float64,
+        flat.dtype is torch.float64,
         n,
         d,
         0 if weights is None else weights.data_ptr(),
-        rms.mean.data_ptr(),
-        rms.var.data_ptr(),
-        rms.mean_residual.data_ptr(),
-        rms.weight_sum.data_ptr(),
-        rms.count.data_ptr(),
-        rms.nonfinite_count.data_ptr(),
+        *pointers,
         -1.0 if rms.momentum is None else rms.momentum,
         -1.0 if rms.var_floor is None else rms.var_floor,
         -1 if rms.until is None else rms.until,
         rms.nonfinite == "raise",
-        out.data_ptr(),
+        mean.data_ptr(),
+        var.data_ptr(),
+        mean_residual.data_ptr(),
+        weight.data_ptr(),
         count.data_ptr(),
         torch.get_num_threads(),
     )
     if not applied:
         raise check.nonfinite_error(nonfinite, input_shape)
-    _increment_versions(rms._native_state)  # type: ignore[arg-type]  # set by _state_ok
-    mean, var, mean_residual, weight = out.split((d, d, d, 1))
-    shape = rms.shape
-    return Moments(
-        weight.view(()), count, mean.view(shape), var.view(shape), mean_residual.view(shape)
-    )
+    _increment_versions(rms._native_state[0])  # type: ignore[index]  # set by _state_pointers
+    return Moments(weight, count, mean, var, mean_residual)
 
 
 def _is_cpu_f64(t: Tensor) -> bool:
@@ -229,25 +236,25 @@ def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> Shifte
     )
 
 
-def try_normalize(x: Tensor, offset: Tensor, scale: Tensor, bound: float | None) -> Tensor | None:
-    """``clamp((x - offset) * scale, -bound, bound)`` in one pass, or ``None`` if ineligible.
+def try_normalize(rms: RunningMeanStd, x: Tensor) -> Tensor | None:
+    """``rms.normalize(x)`` in one pass, or ``None`` when the native path does not apply.
 
-    ``offset`` and ``scale`` must already be contiguous in ``x``'s dtype with ``numel``
-    features; ``bound=None`` skips the clamp.
+    ``x`` must already have passed the normalizer's input checks.
     """
-    if not eligible(x) or offset.dtype != x.dtype:
+    if not eligible(x) or not rms._buffers["mean"].is_cpu:  # type: ignore[union-attr]
         return None
+    (offset, scale, _, _), bound = rms._cached_affine(x.dtype)
     d = offset.numel()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)
     _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
         out.data_ptr(),
-        x.dtype == torch.float64,
+        x.dtype is torch.float64,
         x.numel() // max(d, 1),
         d,
         offset.data_ptr(),
         scale.data_ptr(),
-        -1.0 if bound is None else bound,
+        bound,
         torch.get_num_threads(),
     )
     return out

@@ -146,7 +146,7 @@ class RunningMeanStd(nn.Module):
         # Shift agreed across ranks before the first synchronised update (see `_shift`).
         self._agreed_shift: Tensor | None = None
         # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
-        self._native_state: tuple[Tensor, ...] | None = None
+        self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...]] | None = None
         self._affine_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor], float] | None = None
 
     # ------------------------------------------------------------------ statistics
@@ -286,11 +286,9 @@ class RunningMeanStd(nn.Module):
             The normalized tensor, same shape as ``x``.
         """
         self._check_input(x)
-        if _native.eligible(x) and self.mean.device.type == "cpu":
-            (offset, scale, _, _), bound = self._cached_affine(x.dtype)
-            y = _native.try_normalize(x, offset, scale, bound)
-            if y is not None:
-                return y
+        y = _native.try_normalize(self, x)
+        if y is not None:
+            return y
         offset, scale, low, high = self._affine(x)
         compute_dtype = offset.dtype
         y = torch.sub(x.to(compute_dtype), offset).mul_(scale)
@@ -344,12 +342,19 @@ class RunningMeanStd(nn.Module):
         self, dtype: torch.dtype
     ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], float]:
         """CPU only: the affine of ``dtype`` and the clamp bound as a number, cached."""
+        buffers = self._buffers
+        mean, var, count = buffers["mean"], buffers["var"], buffers["count"]
         key = (
             dtype,
             self.clip,
             self.epsilon,
             self.center,
-            *((id(t), t._version) for t in (self.mean, self.var, self.count)),
+            id(mean),
+            mean._version,  # type: ignore[union-attr]
+            id(var),
+            var._version,  # type: ignore[union-attr]
+            id(count),
+            count._version,  # type: ignore[union-attr]
         )
         if self._affine_cache is None or self._affine_cache[0] != key:
             affine = self._compute_affine(dtype)
@@ -370,7 +375,7 @@ class RunningMeanStd(nn.Module):
         return offset.to(dtype), scale.to(dtype), -high, high
 
     def _check_input(self, x: Tensor, name: str = "x") -> None:
-        check.check_tensor(name, x, self.mean.device)
+        check.check_tensor(name, x, self._buffers["mean"].device)  # type: ignore[union-attr]
         ndim = len(self.shape)
         if x.dim() < ndim or tuple(x.shape[x.dim() - ndim :]) != self.shape:
             raise ValueError(
