@@ -269,6 +269,24 @@ def test_training_continues_from_a_vecnormalize_file_like_sb3(tmp_path: Path) ->
     run_side_by_side(loaded, norms, obs, rewards, dones, 30, len(rewards))
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_file_with_seeded_spaces_loads_under_every_pickle_protocol(
+    tmp_path: Path, protocol: int
+) -> None:
+    obs, rewards, dones = make_stream()
+    vec = VecNormalize(ReplayVecEnv(obs, rewards, dones))
+    vec.action_space.seed(1)
+    vec.action_space.sample()  # the space now pickles its numpy Generator too
+    vec.reset()
+    vec.step_async(actions(3))
+    vec.step_wait()
+    path = tmp_path / f"p{protocol}.pkl"
+    path.write_bytes(pickle.dumps(vec, protocol=protocol))
+    norms = load_quietly(path)
+    assert_close(norms.obs["obs"].mean, vec.obs_rms.mean, rtol=0)
+    assert float(norms.obs["obs"].weight_sum) == vec.obs_rms.count
+
+
 def test_dict_observation_file_normalizes_only_norm_obs_keys(tmp_path: Path) -> None:
     obs, rewards, dones = make_stream()
     dict_obs = {"pos": obs, "raw": obs[..., :2] * 2.0}

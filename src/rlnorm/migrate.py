@@ -140,6 +140,16 @@ def _stand_in(origin: str) -> type[_Inert]:
     return cls
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes, limited to latin-1 text."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(
+            "`_codecs.encode` is accepted only the way protocol-2 pickles encode bytes "
+            f"(latin-1 text), got encoding {encoding!r}"
+        )
+    return text.encode("latin1")
+
+
 def _numpy_globals() -> dict[str, Any]:
     """The numpy callables array pickles need, under both numpy 1 and numpy 2 names."""
     try:
@@ -155,6 +165,7 @@ def _numpy_globals() -> dict[str, Any]:
         if hasattr(numeric, "_frombuffer"):  # protocol-5 array pickles
             out[f"{package}.numeric._frombuffer"] = numeric._frombuffer
     out["collections.OrderedDict"] = OrderedDict
+    out["_codecs.encode"] = _latin1_bytes  # bytes inside protocol-2 pickles
     return out
 
 
