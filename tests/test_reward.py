@@ -352,3 +352,14 @@ def test_statistics_are_scalar_float64_and_returns_float64_whatever_the_reward_d
     assert norm.stats.mean.shape == ()
     assert norm.stats.mean.dtype == F64
     assert norm.count.dtype == torch.int64
+
+
+def test_prior_weight_reaches_the_return_statistics_and_scales_before_any_update() -> None:
+    norm = RewardNormalizer(num_envs=2, prior_weight=1e-4, clip=2.0)
+    assert norm.prior_weight == 1e-4
+    assert float(norm.stats.weight_sum) == 1e-4
+    # With the prior, rewards are divided by sqrt(1 + eps) and clipped, as in SB3.
+    out = norm.normalize(torch.tensor([1.0, 5.0], dtype=torch.float64))
+    assert out.tolist() == pytest.approx([1.0 / (1 + 1e-8) ** 0.5, 2.0], rel=1e-15)
+    norm.reset()
+    assert float(norm.stats.weight_sum) == 1e-4

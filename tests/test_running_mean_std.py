@@ -1080,3 +1080,91 @@ def test_compiled_fullgraph_update_and_normalize_equal_eager(shape: tuple[int, .
         # eager normalize after a compiled update must not serve stale cached statistics
         assert_close(compiled.normalize(x), eager.normalize(x), rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- prior_weight (SB3 compat)
+
+
+def _sb3_reference(batches: list[np.ndarray], prior: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Stable-Baselines3's RunningMeanStd recursion, written out in numpy float64."""
+    mean, var, count = np.zeros(batches[0].shape[1]), np.ones(batches[0].shape[1]), prior
+    for batch in batches:
+        b_mean, b_var, b_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+        delta = b_mean - mean
+        total = count + b_count
+        mean = mean + delta * b_count / total
+        var = (var * count + b_var * b_count + delta**2 * count * b_count / total) / total
+        count = total
+    return mean, var, count
+
+
+def test_prior_weight_starts_at_mean_0_var_1_with_that_weight_and_count_0() -> None:
+    rms = RunningMeanStd(3, prior_weight=1e-4)
+    assert float(rms.weight_sum) == 1e-4
+    assert int(rms.count) == 0
+    assert rms.mean.tolist() == [0.0, 0.0, 0.0]
+    assert rms.var.tolist() == [1.0, 1.0, 1.0]
+    assert "prior_weight=0.0001" in repr(rms)
+
+
+def test_prior_weight_normalizes_and_clamps_before_any_data() -> None:
+    rms = RunningMeanStd(2, prior_weight=1e-4, clip=1.5, epsilon=1e-8)
+    out = rms.normalize(torch.tensor([[3.0, -0.5]], dtype=torch.float64))
+    assert_close(out, [[1.5, -0.5 / math.sqrt(1 + 1e-8)]], rtol=1e-15)
+    # Without a prior, the same call is the identity (no clamp either).
+    plain = RunningMeanStd(2, clip=1.5).normalize(torch.tensor([[3.0, -0.5]]))
+    assert plain.tolist() == [[3.0, -0.5]]
+
+
+def test_prior_weight_updates_follow_the_sb3_recursion_within_1e12() -> None:
+    gen = np.random.default_rng(3)
+    batches = [gen.normal(1000.0, 2.0, size=(n, 2)) for n in (1, 4, 7, 2, 16)]
+    rms = RunningMeanStd(2, prior_weight=1e-4)
+    for batch in batches:
+        rms.update(torch.from_numpy(batch))
+    mean, var, count = _sb3_reference(batches, 1e-4)
+    assert_close(rms.mean, mean, rtol=1e-12)
+    assert_close(rms.var, var, rtol=1e-12)
+    assert float(rms.weight_sum) == pytest.approx(count, rel=1e-15)
+    assert int(rms.count) == sum(b.shape[0] for b in batches)
+
+
+def test_reset_restores_the_prior_weight() -> None:
+    rms = RunningMeanStd(2, prior_weight=0.5)
+    rms.update(torch.randn(5, 2))
+    rms.reset()
+    assert float(rms.weight_sum) == 0.5
+    assert int(rms.count) == 0
+    assert rms.mean.tolist() == [0.0, 0.0]
+    assert rms.var.tolist() == [1.0, 1.0]
+
+
+def test_prior_weight_state_round_trips_through_state_dict() -> None:
+    rms = RunningMeanStd(2, prior_weight=1e-4)
+    rms.update(torch.randn(5, 2, dtype=torch.float64))
+    other = RunningMeanStd(2, prior_weight=1e-4)
+    buffer = io.BytesIO()
+    torch.save(rms.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_state_equal(state_of(rms), state_of(other))
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert torch.equal(rms.normalize(x), other.normalize(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prior_weight": -1.0}, r"`prior_weight` must be in \[0.0, inf\], got -1.0"),
+        ({"prior_weight": math.nan}, r"`prior_weight` must be a finite number, got nan"),
+        ({"prior_weight": 1e-4, "momentum": 0.9}, r"prior_weight=0.0001 with momentum=0.9"),
+    ],
+)
+def test_bad_prior_weight_error_names_the_argument_and_value(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RunningMeanStd(2, **kwargs)
+
+
+def test_prior_weight_must_be_a_number() -> None:
+    with pytest.raises(TypeError, match=r"`prior_weight` must be a number, got '1e-4'"):
+        RunningMeanStd(2, prior_weight="1e-4")  # type: ignore[arg-type]

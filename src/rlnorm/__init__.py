@@ -27,6 +27,7 @@ from rlnorm.running_mean_std import RunningMeanStd
 if TYPE_CHECKING:
     from rlnorm.callback import NormalizerCallback, get_normalizer
     from rlnorm.checkpoint import load_normalizers
+    from rlnorm.migrate import from_gymnasium, load_sb3_vecnormalize
 
 __all__ = [
     "Moments",
@@ -36,8 +37,10 @@ __all__ = [
     "RewardNormalizer",
     "RunningMeanStd",
     "__version__",
+    "from_gymnasium",
     "get_normalizer",
     "load_normalizers",
+    "load_sb3_vecnormalize",
 ]
 
 # The Lightning-facing names import lightning, which takes seconds: only on first use, so that
@@ -46,6 +49,8 @@ _LAZY = {
     "NormalizerCallback": "rlnorm.callback",
     "get_normalizer": "rlnorm.callback",
     "load_normalizers": "rlnorm.checkpoint",
+    "load_sb3_vecnormalize": "rlnorm.migrate",
+    "from_gymnasium": "rlnorm.migrate",
 }
 
 

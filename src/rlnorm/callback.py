@@ -68,6 +68,8 @@ class NormalizerCallback(Callback):
             Gymnasium convention); ``"reward"`` standardizes rewards.
         nonfinite: ``"skip"`` leaves NaN/Inf rows out and counts them; ``"raise"`` raises.
         sync: reduce updates over ``torch.distributed`` (off only for per-rank statistics).
+        prior_weight: weight of a fake prior (mean 0, variance 1) every statistic starts
+            from; ``1e-4`` reproduces Stable-Baselines3 ``VecNormalize``, ``0.0`` is none.
         batch_keys: batch entries (dict keys or tuple/list indices) holding raw observations
             to update from and normalize in ``on_train_batch_start``. Statistics are learned
             from the first entry only; further ones (e.g. ``"next_obs"``) are normalized with
@@ -108,6 +110,7 @@ class NormalizerCallback(Callback):
         reward_mode: str = "return",
         nonfinite: str = "skip",
         sync: bool = True,
+        prior_weight: float = 0.0,
         batch_keys: BatchKey | Sequence[BatchKey] | None = None,
         update_mask_key: BatchKey | None = None,
         log_every_n_steps: int | None = None,
@@ -134,6 +137,7 @@ class NormalizerCallback(Callback):
             reward_mode=reward_mode,
             nonfinite=nonfinite,
             sync=sync,
+            prior_weight=prior_weight,
         )
         self.batch_keys = self._check_batch_keys(batch_keys)
         if update_mask_key is not None and not isinstance(update_mask_key, (str, int)):

@@ -53,7 +53,7 @@ class FrozenNormalizer(nn.Module):
     @classmethod
     def from_running(cls, rms: RunningMeanStd) -> FrozenNormalizer:
         """Freeze a :class:`~rlnorm.RunningMeanStd` as it is now (identity before any data)."""
-        seen = bool(rms.count > 0)
+        seen = bool(rms.weight_sum > 0)
         offset = rms.mean if (seen and rms.center) else torch.zeros_like(rms.mean)
         scale = torch.rsqrt(rms.var + rms.epsilon) if seen else torch.ones_like(rms.var)
         clip = rms.clip if (seen and rms.clip is not None) else math.inf

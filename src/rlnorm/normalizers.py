@@ -27,6 +27,8 @@ Observation = Tensor | Mapping[str, Tensor]
 
 #: Name of the single normalizer when observations are plain tensors.
 TENSOR_KEY = "obs"
+#: Weight of the prior Stable-Baselines3 and Gymnasium start their statistics from.
+SB3_PRIOR_WEIGHT = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,8 @@ class NormalizerConfig:
         reward_mode: ``"return"`` (divide by the return's std) or ``"reward"`` (standardize).
         nonfinite: ``"skip"`` NaN/Inf rows (counted) or ``"raise"``.
         sync: reduce updates over ``torch.distributed`` when it is initialised.
+        prior_weight: weight of a fake prior (mean 0, variance 1) that every statistic starts
+            from; ``0.0`` is none. :meth:`sb3_compatible` sets Stable-Baselines3's ``1e-4``.
     """
 
     obs_shape: Shape | dict[str, Shape] | None = None
@@ -68,6 +72,7 @@ class NormalizerConfig:
     reward_mode: str = "return"
     nonfinite: str = "skip"
     sync: bool = True
+    prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.obs_shape is not None:
@@ -91,6 +96,9 @@ class NormalizerConfig:
         if self.reward_clip is not None:
             check.check_float("reward_clip", self.reward_clip, low=0.0, low_open=True)
         check.check_choice("reward_mode", self.reward_mode, ("return", "reward"))
+        object.__setattr__(
+            self, "prior_weight", check.check_float("prior_weight", self.prior_weight, low=0.0)
+        )
         # Building throwaway normalizers runs their own argument checks, messages included.
         self.make_obs(())
         self.make_reward(1)
@@ -109,6 +117,7 @@ class NormalizerConfig:
             var_floor=self.var_floor,
             nonfinite=self.nonfinite,
             sync=self.sync,
+            prior_weight=self.prior_weight,
             device=device,
         )
 
@@ -122,6 +131,7 @@ class NormalizerConfig:
             mode=self.reward_mode,
             nonfinite=self.nonfinite,
             sync=self.sync,
+            prior_weight=self.prior_weight,
             device=device,
         )
 
@@ -137,7 +147,11 @@ class NormalizerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NormalizerConfig:
-        """Inverse of :meth:`to_dict`; unknown keys (from newer versions) are ignored."""
+        """Inverse of :meth:`to_dict`.
+
+        Unknown keys (from newer versions) are ignored; missing ones (from older versions,
+        e.g. ``prior_weight``) take their defaults, so old checkpoints keep loading.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
         shape = kwargs.get("obs_shape")
@@ -146,6 +160,60 @@ class NormalizerConfig:
         elif isinstance(shape, list):
             kwargs["obs_shape"] = tuple(shape)
         return cls(**kwargs)
+
+    @classmethod
+    def sb3_compatible(cls, **overrides: Any) -> NormalizerConfig:
+        """Settings that reproduce Stable-Baselines3 ``VecNormalize`` step for step.
+
+        SB3's statistics start from a prior of weight ``1e-4`` at mean 0 and variance 1
+        (``prior_weight=1e-4``), observations become ``clip((obs - mean) / sqrt(var + eps),
+        ±clip_obs)`` and rewards ``clip(r / sqrt(var_ret + eps), ±clip_reward)``, where the
+        per-environment return ``ret = ret * gamma + r`` is updated before the reward is
+        scaled and reset to 0 after a done; the defaults are ``clip_obs = clip_reward = 10``,
+        ``gamma=0.99`` and ``epsilon=1e-8``. Fed the same stream (``update_obs`` with every
+        observation SB3 updates with, reset observations included, then ``normalize_obs``;
+        ``normalize_rewards(rewards, dones)`` each step) rlnorm's outputs match SB3's to
+        float rounding. Statistics stay exact float64 with rlnorm's NaN handling.
+
+        Args:
+            **overrides: any :class:`NormalizerConfig` field, e.g. ``obs_shape``,
+                ``num_envs``, ``gamma``, ``clip`` (SB3's ``clip_obs``), ``reward_clip``
+                (``clip_reward``), ``epsilon``, ``reward`` (``norm_reward``).
+
+        Returns:
+            The config: exact statistics, ``prior_weight=1e-4``, ``reward=True``,
+            ``reward_mode="return"``, SB3's clip, gamma and epsilon, then the overrides.
+
+        Raises:
+            TypeError: an override is not a field of :class:`NormalizerConfig`.
+
+        Example:
+            >>> from rlnorm import NormalizerConfig, Normalizers
+            >>> config = NormalizerConfig.sb3_compatible(obs_shape=4, num_envs=8, gamma=0.98)
+            >>> config.prior_weight, config.clip, config.reward_clip, config.reward
+            (0.0001, 10.0, 10.0, True)
+            >>> norms = Normalizers(config)
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"`sb3_compatible` got unknown setting(s) {unknown}; valid ones are "
+                f"{sorted(known)}."
+            )
+        values: dict[str, Any] = {
+            "momentum": None,
+            "clip": 10.0,
+            "epsilon": 1e-8,
+            "center": True,
+            "reward": True,
+            "gamma": 0.99,
+            "reward_clip": 10.0,
+            "reward_mode": "return",
+            "prior_weight": SB3_PRIOR_WEIGHT,
+        }
+        values.update(overrides)
+        return cls(**values)
 
 
 class Normalizers(nn.Module):

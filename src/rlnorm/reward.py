@@ -46,6 +46,9 @@ class RewardNormalizer(nn.Module):
         nonfinite: ``"skip"`` or ``"raise"``, as in :class:`~rlnorm.RunningMeanStd`.
         sync: reduce updates over ``torch.distributed`` when it is initialised.
         process_group: the group to reduce over; ``None`` is the default group.
+        prior_weight: weight of a fake prior (mean 0, variance 1) the statistics start from;
+            ``1e-4`` reproduces Stable-Baselines3 and Gymnasium (see
+            :class:`~rlnorm.RunningMeanStd`), ``0.0`` (default) is none.
         device: where the statistics and returns live.
 
     Example:
@@ -74,6 +77,7 @@ class RewardNormalizer(nn.Module):
         nonfinite: str = "skip",
         sync: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        prior_weight: float = 0.0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -90,6 +94,7 @@ class RewardNormalizer(nn.Module):
             nonfinite=nonfinite,
             sync=sync,
             process_group=process_group,
+            prior_weight=prior_weight,
             device=device,
         )
         self.register_buffer("returns", torch.zeros(num_envs, dtype=torch.float64, device=device))
@@ -103,6 +108,11 @@ class RewardNormalizer(nn.Module):
     def epsilon(self) -> float:
         """Added to the variance before the square root."""
         return self.stats.epsilon
+
+    @property
+    def prior_weight(self) -> float:
+        """Weight of the prior the statistics start from (0: none)."""
+        return self.stats.prior_weight
 
     @property
     def std(self) -> Tensor:

@@ -71,6 +71,11 @@ class RunningMeanStd(nn.Module):
             in ``nonfinite_count``; ``"raise"`` raises a ``ValueError`` before anything changes.
         sync: reduce updates over ``torch.distributed`` when it is initialised.
         process_group: the group to reduce over; ``None`` is the default group.
+        prior_weight: exact mode only: weight of a fake prior sample set at mean 0 and
+            variance 1 that the statistics start from (``weight_sum`` starts there, ``count``
+            at 0), and ``normalize`` applies the prior before any data, clamp included.
+            ``1e-4`` reproduces Stable-Baselines3 and Gymnasium, whose counts start at
+            ``1e-4``; the default ``0.0`` is no prior (identity until data arrive).
         device: where the statistics live.
 
     Example:
@@ -103,6 +108,7 @@ class RunningMeanStd(nn.Module):
         nonfinite: str = "skip",
         sync: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        prior_weight: float = 0.0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -133,9 +139,16 @@ class RunningMeanStd(nn.Module):
             raise TypeError(f"`sync` must be a bool, got {sync!r}.")
         self.sync = sync
         self.process_group = process_group
+        self.prior_weight = check.check_float("prior_weight", prior_weight, low=0.0)
+        if self.prior_weight > 0 and momentum is not None:
+            raise ValueError(
+                f"`prior_weight` applies to exact statistics only; got "
+                f"prior_weight={prior_weight!r} with momentum={momentum!r}. Set momentum=None "
+                "or prior_weight=0.0."
+            )
         device = check.check_device("device", device)
 
-        state = empty_moments(self.shape, device=device)
+        state = self._initial_moments(device)
         self.register_buffer("mean", state.mean)
         self.register_buffer("var", state.var)
         self.register_buffer("count", state.count)
@@ -265,16 +278,24 @@ class RunningMeanStd(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Forget all data: back to count 0, mean 0, variance 1."""
-        self._store(empty_moments(self.shape, device=self.mean.device), self.nonfinite_count * 0)
+        """Forget all data: back to count 0, mean 0, variance 1 (and ``prior_weight``)."""
+        self._store(self._initial_moments(self.mean.device), self.nonfinite_count * 0)
         self._agreed_shift = None
+
+    def _initial_moments(self, device: torch.device | None) -> Moments:
+        """The state before any data: the prior (weight ``prior_weight``) at mean 0, var 1."""
+        state = empty_moments(self.shape, device=device)
+        if self.prior_weight > 0:
+            state.weight.fill_(self.prior_weight)
+        return state
 
     # ------------------------------------------------------------------ normalizing
 
     def normalize(self, x: Tensor) -> Tensor:
         """``clamp((x - mean) / sqrt(var + epsilon), -clip, clip)`` in ``x``'s dtype.
 
-        Before the first update this is the identity (no clamp either). The statistics are
+        Before the first update this is the identity (no clamp either), unless a
+        ``prior_weight`` gives the statistics a prior to normalize with. The statistics are
         buffers without gradients, so the output carries no autograd history into them and can
         feed a later forward and backward pass. Call it under ``torch.no_grad()`` rather than
         ``torch.inference_mode()``: inference tensors cannot be saved for a later backward.
@@ -343,7 +364,7 @@ class RunningMeanStd(nn.Module):
     ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], float]:
         """CPU only: the affine of ``dtype`` and the clamp bound as a number, cached."""
         buffers = self._buffers
-        mean, var, count = buffers["mean"], buffers["var"], buffers["count"]
+        mean, var, weight = buffers["mean"], buffers["var"], buffers["weight_sum"]
         key = (
             dtype,
             self.clip,
@@ -353,8 +374,8 @@ class RunningMeanStd(nn.Module):
             mean._version,  # type: ignore[union-attr]
             id(var),
             var._version,  # type: ignore[union-attr]
-            id(count),
-            count._version,  # type: ignore[union-attr]
+            id(weight),
+            weight._version,  # type: ignore[union-attr]
         )
         if self._affine_cache is None or self._affine_cache[0] != key:
             affine = self._compute_affine(dtype)
@@ -365,7 +386,8 @@ class RunningMeanStd(nn.Module):
         return self._affine_cache[1], self._affine_cache[2]
 
     def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        seen = self.count > 0
+        # Statistics count as seen once they carry weight: data, or a `prior_weight`.
+        seen = self.weight_sum > 0
         scale = torch.where(seen, torch.rsqrt(self.var + self.epsilon), 1.0)
         offset = torch.where(seen, self.mean, 0.0) if self.center else torch.zeros_like(self.mean)
         clip = math.inf if self.clip is None else self.clip
@@ -483,4 +505,6 @@ class RunningMeanStd(nn.Module):
             parts.append("center=False")
         if self.var_floor is not None:
             parts.append(f"var_floor={self.var_floor}")
+        if self.prior_weight:
+            parts.append(f"prior_weight={self.prior_weight}")
         return ", ".join(parts)
