@@ -35,7 +35,7 @@ DEFAULT_CONFIGS = ["configs/cartpole.yaml", "configs/cartpole_scaled.yaml", "con
 MODES = ("rlnorm", "none")
 
 
-def worker(config_path: str, mode: str, seed: int, steps: int) -> dict:
+def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str = "cpu") -> dict:
     """Train once and return the figures (runs in its own process)."""
     import warnings
 
@@ -59,7 +59,7 @@ def worker(config_path: str, mode: str, seed: int, steps: int) -> dict:
     L.seed_everything(seed, verbose=False)
     model = PPO(**model_args)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         callbacks=callbacks,
         logger=False,
@@ -83,8 +83,9 @@ def worker(config_path: str, mode: str, seed: int, steps: int) -> dict:
     }
 
 
-def run_one(config: str, mode: str, seed: int, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, mode, str(seed), str(steps)]
+def run_one(config: str, mode: str, seed: int, steps: int, accelerator: str = "cpu") -> dict:
+    """Train once in a fresh process; print and return its figures."""
+    cmd = [sys.executable, __file__, "--worker", config, mode, str(seed), str(steps), accelerator]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -126,8 +127,8 @@ def table(results: list[dict], steps: int) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        config, mode, seed, steps = sys.argv[2:6]
-        print(json.dumps(worker(config, mode, int(seed), int(steps))))
+        config, mode, seed, steps, accelerator = sys.argv[2:7]
+        print(json.dumps(worker(config, mode, int(seed), int(steps), accelerator)))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
