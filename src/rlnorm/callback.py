@@ -115,7 +115,9 @@ class NormalizerCallback(Callback):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        if not isinstance(name, str):
+            raise TypeError(f"`name` must be a str, got {name!r}.")
+        if not name or any(c.isspace() for c in name):
             raise ValueError(f"`name` must be a non-empty string without spaces, got {name!r}.")
         self.name = name
         self.config = NormalizerConfig(
@@ -147,7 +149,7 @@ class NormalizerCallback(Callback):
         if log_every_n_steps is not None:
             check.check_positive_int("log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps = log_every_n_steps
-        self.log_histograms = bool(log_histograms)
+        self.log_histograms = check.check_bool("log_histograms", log_histograms)
         self.device = check.check_device("device", device)
         self._frozen = False
         # Everything below holds tensors: created in `setup`, never in `__init__` (under
@@ -529,9 +531,7 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
     elif isinstance(owner, Trainer):
         trainer = owner
     else:
-        raise TypeError(
-            f"`owner` must be a Trainer or LightningModule, got {type(owner).__name__}."
-        )
+        raise TypeError(f"`owner` must be a Trainer or LightningModule, got {check.show(owner)}.")
     found = [cb for cb in trainer.callbacks if isinstance(cb, NormalizerCallback)]
     if name is not None:
         found = [cb for cb in found if cb.name == name]

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rlnorm import _validation as check
 from rlnorm.callback import restore_normalizers
 from rlnorm.normalizers import NormalizerConfig, Normalizers
 
@@ -89,6 +90,14 @@ def load_normalizers(
         >>> norms = rlnorm.load_normalizers(ckpt)  # doctest: +SKIP
         >>> action = policy(norms.normalize_obs(obs))  # doctest: +SKIP
     """
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
+        raise TypeError(
+            "`checkpoint` must be a path (str or os.PathLike) or a loaded checkpoint dict, got "
+            f"{check.show(checkpoint)}."
+        )
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"`name` must be a str or None, got {check.show(name)}.")
+    device = check.check_device("device", device)
     where = "given checkpoint"
     if not isinstance(checkpoint, Mapping):
         where = f"checkpoint {str(checkpoint)!r}"
