@@ -9,6 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: Longest ``repr`` of a bad value quoted in an error message.
+_MAX_SHOWN = 120
+
+
+def show(value: Any) -> str:
+    """A bad value for an error message: its type and (shortened) ``repr``."""
+    text = repr(value)
+    if len(text) > _MAX_SHOWN:
+        text = text[: _MAX_SHOWN - 3] + "..."
+    return f"{type(value).__name__} {text}"
+
 
 def _is_real_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -65,6 +76,20 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A ``bool`` (not an int or a truthy object)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    return value
+
+
+def check_instance(name: str, value: Any, cls: type, what: str | None = None) -> Any:
+    """An instance of ``cls``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"`{name}` must be a {what or cls.__name__}, got {show(value)}.")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """One of a fixed set of strings."""
     if value not in choices:
@@ -88,7 +113,7 @@ def check_device(name: str, value: Any) -> torch.device | None:
 def check_tensor(name: str, value: Any, device: torch.device) -> Tensor:
     """A real-valued tensor on ``device``."""
     if not isinstance(value, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {show(value)}.")
     if value.is_complex():
         raise TypeError(f"`{name}` must be real-valued, got dtype {value.dtype}.")
     if value.device != device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
@@ -25,6 +26,10 @@ __all__ = ["SCHEMA_VERSION", "NormalizerCallback", "get_normalizer"]
 
 #: Version of the checkpoint layout written by :meth:`NormalizerCallback.state_dict`.
 SCHEMA_VERSION = 1
+#: The oldest layout this rlnorm reads.
+FIRST_SCHEMA_VERSION = 1
+#: Keys every state of a readable schema version holds (later additions are optional).
+_REQUIRED_STATE_KEYS = ("config", "dict_obs", "obs_shapes", "num_envs", "normalizers")
 
 BatchKey = str | int
 
@@ -118,7 +123,9 @@ class NormalizerCallback(Callback):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        if not isinstance(name, str):
+            raise TypeError(f"`name` must be a str, got {name!r}.")
+        if not name or any(c.isspace() for c in name):
             raise ValueError(f"`name` must be a non-empty string without spaces, got {name!r}.")
         self.name = name
         self.config = NormalizerConfig(
@@ -151,7 +158,7 @@ class NormalizerCallback(Callback):
         if log_every_n_steps is not None:
             check.check_positive_int("log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps = log_every_n_steps
-        self.log_histograms = bool(log_histograms)
+        self.log_histograms = check.check_bool("log_histograms", log_histograms)
         self.device = check.check_device("device", device)
         self._frozen = False
         # Everything below holds tensors: created in `setup`, never in `__init__` (under
@@ -368,8 +375,17 @@ class NormalizerCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._normalizers is None:
             self._normalizers = Normalizers(self.config, device=self.device)
+        where = f"state of {self.state_key}"
+        path = self._resume_path()
+        if path is not None:
+            # torch.load does not check checksums: flipped bytes would load as wrong statistics.
+            from rlnorm.checkpoint import check_checkpoint_file
+
+            check_checkpoint_file(path)
+            where += f" in checkpoint {path!r}"
+        check_state(state_dict, where)
         state_dict = _with_own_returns(state_dict)
-        restore_normalizers(self._normalizers, state_dict, where=f"state of {self.state_key}")
+        restore_normalizers(self._normalizers, state_dict, where=where)
         saved = state_dict.get("config", {})
         changed = {
             key: (saved[key], value)
@@ -389,7 +405,32 @@ class NormalizerCallback(Callback):
             tag: _to(Moments(**m), device) for tag, m in state_dict.get("last_logged", {}).items()
         }
 
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning reads the checkpoint to resume from before any hook knows its path, so a
+        # damaged file fails deep inside torch. Name the file and the problem on the way out.
+        path = self._resume_path()
+        if path is None or path in str(exception):
+            return
+        from rlnorm.checkpoint import check_checkpoint_file
+
+        try:
+            check_checkpoint_file(path)
+        except ValueError as err:
+            note = f"rlnorm: cannot resume: {err}"
+            if hasattr(exception, "add_note"):
+                exception.add_note(note)
+            else:  # Python 3.10
+                rank_zero_warn(note, category=UserWarning)
+
     # ------------------------------------------------------------------ internals
+
+    def _resume_path(self) -> str | None:
+        """The local checkpoint file the trainer is resuming from, if any."""
+        path = None if self._trainer is None else self._trainer.ckpt_path
+        return str(path) if path is not None and os.path.isfile(path) else None
 
     def _sync_frozen(self) -> Normalizers:
         norms = self.normalizers
@@ -462,21 +503,46 @@ class NormalizerCallback(Callback):
         return tuple(keys)
 
 
-def restore_normalizers(norms: Normalizers, state: Mapping[str, Any], where: str) -> None:
-    """Load a :meth:`NormalizerCallback.state_dict` into ``norms``, checking it first.
+def check_state(state: Mapping[str, Any], where: str) -> None:
+    """Check that ``state`` is a :meth:`NormalizerCallback.state_dict` this rlnorm reads.
 
     Raises:
-        ValueError: the state is from a newer schema, malformed, or does not match the
-            normalizers' keys or shapes; the message names ``where`` and both sides.
+        ValueError: not a normalizer state, a schema version this rlnorm does not read, or
+            keys missing; the message names ``where`` and the problem.
     """
     version = state.get("schema_version")
-    if not isinstance(version, int) or "normalizers" not in state:
-        raise ValueError(f"The {where} is not an rlnorm normalizer state (keys: {sorted(state)}).")
+    if isinstance(version, bool) or not isinstance(version, int) or "normalizers" not in state:
+        raise ValueError(
+            f"The {where} is not an rlnorm normalizer state (schema_version={version!r}, keys: "
+            f"{sorted(state)})."
+        )
     if version > SCHEMA_VERSION:
         raise ValueError(
             f"The {where} has schema version {version}, newer than this rlnorm "
             f"({__version__}) reads ({SCHEMA_VERSION}); upgrade rlnorm."
         )
+    if version < FIRST_SCHEMA_VERSION:
+        raise ValueError(
+            f"The {where} has schema version {version}, which no rlnorm release wrote (the "
+            f"first is {FIRST_SCHEMA_VERSION}, this rlnorm {__version__} writes {SCHEMA_VERSION})."
+        )
+    missing_keys = [key for key in _REQUIRED_STATE_KEYS if key not in state]
+    if missing_keys or not isinstance(state["normalizers"], Mapping):
+        raise ValueError(
+            f"The {where} (schema version {version}) is incomplete: it lacks {missing_keys} "
+            f"(keys: {sorted(state)}); it was edited or damaged."
+        )
+
+
+def restore_normalizers(norms: Normalizers, state: Mapping[str, Any], where: str) -> None:
+    """Load a :meth:`NormalizerCallback.state_dict` into ``norms``, checking it first.
+
+    Raises:
+        ValueError: the state is from a schema this rlnorm does not read, malformed, or does
+            not match the normalizers' keys or shapes; the message names ``where`` and both
+            sides.
+    """
+    check_state(state, where)
     shapes = {key: tuple(shape) for key, shape in state.get("obs_shapes", {}).items()}
     try:
         if state.get("dict_obs") is not None:
@@ -484,8 +550,8 @@ def restore_normalizers(norms: Normalizers, state: Mapping[str, Any], where: str
         if state.get("num_envs") is not None:
             norms.ensure_reward(int(state["num_envs"]))
         missing, unexpected = _load_tensors(norms, state["normalizers"])
-    except ValueError as err:
-        raise ValueError(f"Cannot restore the {where}: {err}") from None
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise ValueError(f"Cannot restore the {where}: {err}") from err
     # Parts the saved state never had (no data seen yet) stay fresh.
     if state.get("dict_obs") is None:
         missing = [k for k in missing if not k.startswith("obs.")]
@@ -533,9 +599,7 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
     elif isinstance(owner, Trainer):
         trainer = owner
     else:
-        raise TypeError(
-            f"`owner` must be a Trainer or LightningModule, got {type(owner).__name__}."
-        )
+        raise TypeError(f"`owner` must be a Trainer or LightningModule, got {check.show(owner)}.")
     found = [cb for cb in trainer.callbacks if isinstance(cb, NormalizerCallback)]
     if name is not None:
         found = [cb for cb in found if cb.name == name]

@@ -4,43 +4,91 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlnorm import _validation as check
 from rlnorm.callback import restore_normalizers
 from rlnorm.normalizers import NormalizerConfig, Normalizers
 
-__all__ = ["find_normalizer_states", "load_normalizers", "read_checkpoint"]
+__all__ = ["check_checkpoint_file", "find_normalizer_states", "load_normalizers", "read_checkpoint"]
+
+#: First bytes of the files ``torch.save`` writes (a zip archive) ...
+_ZIP_START = b"PK\x03\x04"
+#: ... and of the legacy format (``_use_new_zipfile_serialization=False``): a pickle.
+_LEGACY_PICKLE_START = b"\x80"
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` on the CPU.
+def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
+    """Check that a checkpoint file is whole: its zip structure and every member's CRC.
+
+    ``torch.load`` does not verify checksums, so flipped bits inside a tensor load silently as
+    wrong values; a truncated file fails deep inside torch with an unrelated message. This reads
+    the file once and names the problem instead. Files in the legacy (pre-zip) ``torch.save``
+    format carry no checksums and are only checked for being non-empty.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable checkpoint (truncated, corrupted, or holding
-            objects that ``weights_only=True`` refuses); the message names the file.
+        ValueError: the file is empty, truncated or corrupted; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
+    with path.open("rb") as f:
+        head = f.read(4)
+    where = f"Checkpoint {str(path)!r}"
+    if not head:
+        raise ValueError(f"{where} is empty (0 bytes): it was never written completely.")
+    if head[:1] == _LEGACY_PICKLE_START:
+        return
+    if head != _ZIP_START:
+        raise ValueError(
+            f"{where} is not a PyTorch checkpoint: it starts with {head!r}, not with the zip "
+            "header torch.save writes (a corrupted file, or another format)."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # BadZipFile, OSError, EOFError, NotImplementedError, ...
+        raise ValueError(
+            f"{where} is truncated or corrupted: its zip structure cannot be read ({err}). "
+            "Was the process writing it killed, or the copy interrupted?"
+        ) from err
+    if bad is not None:
+        raise ValueError(
+            f"{where} is corrupted: its entry {bad!r} fails the zip integrity check (its data "
+            "do not match the stored checksum, or its header is damaged). Use another checkpoint."
+        )
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` on the CPU, checked first.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable checkpoint (empty, truncated, corrupted, or
+            holding objects that ``weights_only=True`` refuses); the message names the file.
+    """
+    path = Path(path)
+    check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
         raise ValueError(
             f"Cannot read checkpoint {str(path)!r}: it is not a PyTorch checkpoint, or it holds "
             "objects other than tensors and plain containers (rlnorm reads checkpoints with "
             "weights_only=True and never runs pickled code)."
-        ) from None
+        ) from err
     except Exception as err:  # torch raises many types for damaged files (OSError, KeyError...)
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"Cannot read checkpoint {str(path)!r}: it is truncated, corrupted or not a "
             f"PyTorch checkpoint ({type(err).__name__}: {detail})."
-        ) from None
+        ) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(
             f"Checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning "
@@ -89,6 +137,14 @@ def load_normalizers(
         >>> norms = rlnorm.load_normalizers(ckpt)  # doctest: +SKIP
         >>> action = policy(norms.normalize_obs(obs))  # doctest: +SKIP
     """
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
+        raise TypeError(
+            "`checkpoint` must be a path (str or os.PathLike) or a loaded checkpoint dict, got "
+            f"{check.show(checkpoint)}."
+        )
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"`name` must be a str or None, got {check.show(name)}.")
+    device = check.check_device("device", device)
     where = "given checkpoint"
     if not isinstance(checkpoint, Mapping):
         where = f"checkpoint {str(checkpoint)!r}"

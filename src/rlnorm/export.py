@@ -23,6 +23,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from rlnorm import _validation as check
 from rlnorm.normalizers import Normalizers
 from rlnorm.running_mean_std import RunningMeanStd
 
@@ -111,6 +112,7 @@ def export_observation_normalizer(norms: Normalizers, path: str | os.PathLike[st
     Raises:
         ValueError: there is no observation normalizer yet (no data was ever seen).
     """
+    check.check_instance("norms", norms, Normalizers)
     if not norms.obs:
         raise ValueError("There is no observation normalizer to export (no data was seen).")
     frozen = {key: FrozenNormalizer.from_running(rms) for key, rms in norms.obs.items()}
@@ -138,6 +140,8 @@ def fold_into_linear(linear: nn.Linear, rms: RunningMeanStd) -> nn.Linear:
     Returns:
         A new ``nn.Linear``.
     """
+    check.check_instance("linear", linear, nn.Linear, "torch.nn.Linear")
+    check.check_instance("rms", rms, RunningMeanStd)
     frozen = FrozenNormalizer.from_running(rms)
     if frozen.scale.shape != (linear.in_features,):
         raise ValueError(

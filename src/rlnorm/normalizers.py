@@ -78,7 +78,7 @@ class NormalizerConfig:
         if self.obs_shape is not None:
             if isinstance(self.obs_shape, Mapping):
                 if not self.obs_shape:
-                    raise ValueError("`obs_shape` must not be an empty dict.")
+                    raise ValueError("`obs_shape` must not be an empty dict, got {}.")
                 shapes = {
                     str(k): check.check_shape(f"obs_shape[{k!r}]", v)
                     for k, v in self.obs_shape.items()
@@ -243,7 +243,7 @@ class Normalizers(nn.Module):
     def __init__(self, config: NormalizerConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not isinstance(config, NormalizerConfig):
-            raise TypeError(f"`config` must be a NormalizerConfig, got {type(config).__name__}.")
+            raise TypeError(f"`config` must be a NormalizerConfig, got {check.show(config)}.")
         self.config = config
         self.frozen = False
         self._device = check.check_device("device", device)
@@ -404,6 +404,10 @@ class Normalizers(nn.Module):
                 f"`obs` is a dict (keys {sorted(obs)}) but these normalizers were built for "
                 "tensor observations."
             )
+        if not isinstance(obs, Tensor):
+            raise TypeError(
+                f"`obs` must be a torch.Tensor or a dict of them, got {check.show(obs)}."
+            )
         return obs
 
     def _items(self, obs: Observation) -> list[tuple[str, Tensor]]:
@@ -436,7 +440,7 @@ class Normalizers(nn.Module):
     @staticmethod
     def _feature_shape(name: str, x: Any, dims: int) -> tuple[int, ...]:
         if not isinstance(x, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {check.show(x)}.")
         if x.dim() < dims:
             raise ValueError(
                 f"`{name}` has shape {tuple(x.shape)}, fewer dims than obs_feature_dims={dims}."

@@ -247,7 +247,7 @@ class RunningMeanStd(nn.Module):
             ``self``.
         """
         if not isinstance(other, RunningMeanStd):
-            raise TypeError(f"`other` must be a RunningMeanStd, got {type(other).__name__}.")
+            raise TypeError(f"`other` must be a RunningMeanStd, got {check.show(other)}.")
         if other.shape != self.shape:
             raise ValueError(
                 f"`other` has shape {other.shape} but this normalizer has shape {self.shape}."
