@@ -396,11 +396,6 @@ def test_bad_argument_raises_naming_the_argument_and_the_value(case: Case) -> No
 # deliberately unchecked; these cases document what an unchecked momentum does today.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rlnorm.moments.merge_ema does not check `momentum`: a NaN or out-of-range momentum "
-    "silently gives NaN or negative-weight statistics (see the faults report)",
-)
 @pytest.mark.parametrize("momentum", [NAN, 1.5, -0.5])
 def test_merge_ema_rejects_a_bad_momentum(momentum: float) -> None:
     one = empty_moments((2,))

@@ -115,11 +115,6 @@ def test_nonfinite_raise_leaves_the_state_bitwise_unchanged(
     assert_state_equal(state_of(rms), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="moments.batch_shift averages finite rows whose squares overflow into the shift, "
-    "so one row of 1e300 makes every row of its batch overflow and be skipped (see the report)",
-)
 @pytest.mark.parametrize("momentum", [None, 0.8], ids=["exact", "ema"])
 def test_a_finite_row_whose_square_overflows_is_skipped_alone(momentum: float | None) -> None:
     x = storm(40, 3, 7, "none")

@@ -305,7 +305,9 @@ static void mix_into(double *mean, double *var, double *res, const double *b_mea
         double delta = dh + dl;
         two_sum(mean[j], fb * dh, &hi, &lo);
         two_sum(hi, lo + fb * dl + res[j], &m, &r);
-        double v = fa * var[j] + fb * b_var[j] + (fa * fb) * (delta * delta);
+        double within = fb <= fa ? var[j] + fb * (b_var[j] - var[j])
+                                 : b_var[j] + fa * (var[j] - b_var[j]);
+        double v = within + (fa * fb) * (delta * delta);
         var[j] = v > DBL_MAX ? DBL_MAX : v;
         mean[j] = m;
         res[j] = r;

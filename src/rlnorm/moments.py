@@ -251,7 +251,14 @@ def _mix(a: Moments, b: Moments, weight_a: Tensor, weight_b: Tensor, count: Tens
     delta = delta_hi + delta_lo
     hi, lo = two_sum(a.mean, frac_b * delta_hi)
     mean, mean_residual = two_sum(hi, lo + frac_b * delta_lo + res_a)
-    var = frac_a * a.var + frac_b * b.var + (frac_a * frac_b) * (delta * delta)
+    # The variance of the larger share plus the other's pull, rather than
+    # `frac_a * a.var + frac_b * b.var`: the fractions need not sum to exactly 1 in floating
+    # point, and this form is exact when the variances are equal (an EMA of a constant stream
+    # does not wobble) or one share is 0 (merging into a fresh state), and cannot cancel.
+    within = torch.where(
+        frac_b <= frac_a, a.var + frac_b * (b.var - a.var), b.var + frac_a * (a.var - b.var)
+    )
+    var = within + (frac_a * frac_b) * (delta * delta)
     var = var.clamp_max(torch.finfo(torch.float64).max)
     return Moments(
         weight=total,
@@ -314,6 +321,10 @@ def merge_ema(
     Returns:
         The updated :class:`Moments`; ``count`` keeps counting samples.
     """
+    if not 0.0 <= momentum < 1.0:  # also refuses NaN
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+    if var_floor is not None and not 0.0 < var_floor <= 1.0:
+        raise ValueError(f"`var_floor` must be in (0, 1], got {var_floor!r}.")
     has_data = b.weight > 0
     # Without data the past keeps its full weight: an empty batch changes nothing.
     weight_a = torch.where(has_data, momentum * a.weight, a.weight)
