@@ -114,11 +114,11 @@ class ReplayVecEnv(VecEnv):
         return [False] * self.num_envs
 
 
-def obs_tensor(obs: Any) -> Any:
-    """Float64 tensors: rlnorm computes in the input's dtype, SB3 in float64."""
+def obs_tensor(obs: Any, dtype: Any = np.float64) -> Any:
+    """Observations as tensors of ``dtype`` (environments give float32)."""
     if isinstance(obs, dict):
-        return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in obs.items()}
-    return torch.from_numpy(np.asarray(obs, dtype=np.float64))
+        return {k: torch.from_numpy(np.asarray(v, dtype=dtype)) for k, v in obs.items()}
+    return torch.from_numpy(np.asarray(obs, dtype=dtype))
 
 
 def actions(num_envs: int) -> np.ndarray:
@@ -133,6 +133,7 @@ def run_side_by_side(
     dones: np.ndarray,
     start: int,
     stop: int,
+    dtype: Any = np.float64,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Step SB3 and rlnorm through steps ``start..stop``, asserting agreement each step."""
     sb3_obs_all, sb3_rew_all = [], []
@@ -140,7 +141,7 @@ def run_side_by_side(
         vec.step_async(actions(vec.num_envs))
         sb3_obs, sb3_rew, sb3_done, _ = vec.step_wait()
         assert np.array_equal(sb3_done, dones[t])
-        raw = obs_tensor(obs[t + 1])
+        raw = obs_tensor(obs[t + 1], dtype)
         norms.update_obs(raw)
         ours_obs = norms.normalize_obs(raw)
         ours_rew = norms.normalize_rewards(torch.from_numpy(rewards[t]), torch.from_numpy(dones[t]))
@@ -154,6 +155,7 @@ def run_side_by_side(
 # ---------------------------------------------------------------------------- SB3 compat mode
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(
     "settings",
     [
@@ -161,7 +163,7 @@ def run_side_by_side(
         {"clip_obs": 3.0, "clip_reward": 2.0, "gamma": 0.9, "epsilon": 1e-6},
     ],
 )
-def test_sb3_compatible_mode_matches_vecnormalize_at_every_step(settings: dict) -> None:
+def test_sb3_compatible_mode_matches_vecnormalize_at_every_step(settings: dict, dtype) -> None:
     obs, rewards, dones = make_stream()
     num_envs = obs.shape[1]
     vec = VecNormalize(ReplayVecEnv(obs, rewards, dones), **settings)
@@ -175,9 +177,10 @@ def test_sb3_compatible_mode_matches_vecnormalize_at_every_step(settings: dict) 
     )
     norms = Normalizers(config)
     first = vec.reset()
-    norms.update_obs(obs_tensor(obs[0]))  # SB3 updates with reset observations too
-    np.testing.assert_allclose(norms.normalize_obs(obs_tensor(obs[0])).numpy(), first, atol=ATOL)
-    sb3_obs, sb3_rew = run_side_by_side(vec, norms, obs, rewards, dones, 0, len(rewards))
+    norms.update_obs(obs_tensor(obs[0], dtype))  # SB3 updates with reset observations too
+    first_ours = norms.normalize_obs(obs_tensor(obs[0], dtype)).numpy()
+    np.testing.assert_allclose(first_ours, first, atol=ATOL)
+    sb3_obs, sb3_rew = run_side_by_side(vec, norms, obs, rewards, dones, 0, len(rewards), dtype)
     # The stream is meant to exercise the clip bounds on both sides.
     clip_obs, clip_reward = settings.get("clip_obs", 10.0), settings.get("clip_reward", 10.0)
     assert np.isclose(np.abs(np.stack(sb3_obs)), clip_obs).any()

@@ -613,6 +613,16 @@ def test_normalize_is_clamp_of_centered_over_sqrt_var_plus_epsilon() -> None:
     assert float(got.abs().max()) == 3.0  # some values were clipped
 
 
+def test_float32_normalize_is_accurate_to_float32_precision_far_from_zero() -> None:
+    rms = RunningMeanStd(3, clip=None)
+    x = (torch.randn(1000, 3, dtype=F64) * 0.5 + torch.tensor([1e3, -3e4, 1e5])).float()
+    rms.update(x)
+    exact = (x.double() - rms.mean - rms.mean_residual) / (rms.var + rms.epsilon).sqrt()
+    err = (rms.normalize(x).double() - exact).abs().max()
+    # A float32 mean alone would be off by up to ulp(1e5) / 2 / std = 8e-3 here.
+    assert float(err) < 2e-6
+
+
 def test_normalize_clips_to_exactly_plus_minus_clip() -> None:
     rms = fitted(clip=5.0)
     x = torch.tensor([[1e9, -1e9, 1e9]], dtype=F64)

@@ -426,7 +426,7 @@ typedef struct {
     void *y;
     int is_f64;
     int64_t d, begin, end; /* element range, a whole number of rows */
-    const void *offset, *scale;
+    const void *offset, *offset_lo, *scale;
     int clip;
     double bound;
 } NormTask;
@@ -434,23 +434,23 @@ typedef struct {
 HOT static void normalize_range(const NormTask *t) {
     const int64_t d = t->d;
     if (t->is_f64) {
-        const double *x = t->x, *o = t->offset, *sc = t->scale;
+        const double *x = t->x, *o = t->offset, *ol = t->offset_lo, *sc = t->scale;
         double *y = t->y;
         const double hi = t->bound, lo = -t->bound;
         for (int64_t k = t->begin; k < t->end; k += d) {
             for (int64_t j = 0; j < d; j++) {
-                double v = (x[k + j] - o[j]) * sc[j];
+                double v = ((x[k + j] - o[j]) - ol[j]) * sc[j];
                 if (t->clip) v = v < lo ? lo : (v > hi ? hi : v);
                 y[k + j] = v;
             }
         }
     } else {
-        const float *x = t->x, *o = t->offset, *sc = t->scale;
+        const float *x = t->x, *o = t->offset, *ol = t->offset_lo, *sc = t->scale;
         float *y = t->y;
         const float hi = (float)t->bound, lo = -(float)t->bound;
         for (int64_t k = t->begin; k < t->end; k += d) {
             for (int64_t j = 0; j < d; j++) {
-                float v = (x[k + j] - o[j]) * sc[j];
+                float v = ((x[k + j] - o[j]) - ol[j]) * sc[j];
                 if (t->clip) v = v < lo ? lo : (v > hi ? hi : v);
                 y[k + j] = v;
             }
@@ -465,20 +465,20 @@ static void *normalize_worker(void *arg) {
 }
 #endif
 
-/* normalize(x, y, is_f64, n, d, offset, scale, bound, threads):
- * y = clamp((x - offset) * scale, -bound, bound) in x's dtype (bound may be inf); NaN stays NaN
- * as in torch.clamp. */
+/* normalize(x, y, is_f64, n, d, offset, offset_lo, scale, bound, threads):
+ * y = clamp(((x - offset) - offset_lo) * scale, -bound, bound) in x's dtype (bound may be
+ * inf); NaN stays NaN as in torch.clamp. */
 static PyObject *k_normalize(PyObject *self, PyObject *args) {
-    unsigned long long px, py, po, ps;
+    unsigned long long px, py, po, pol, ps;
     long long n, d;
     int is_f64, threads;
     double clip;
-    if (!PyArg_ParseTuple(args, "KKpLLKKdi", &px, &py, &is_f64, &n, &d, &po, &ps, &clip,
+    if (!PyArg_ParseTuple(args, "KKpLLKKKdi", &px, &py, &is_f64, &n, &d, &po, &pol, &ps, &clip,
                           &threads))
         return NULL;
     NormTask base = {(const void *)(uintptr_t)px, (void *)(uintptr_t)py, is_f64, d, 0, n * d,
-                     (const void *)(uintptr_t)po, (const void *)(uintptr_t)ps, !isinf(clip),
-                     clip};
+                     (const void *)(uintptr_t)po, (const void *)(uintptr_t)pol,
+                     (const void *)(uintptr_t)ps, !isinf(clip), clip};
     if (d <= 0 || n <= 0) Py_RETURN_NONE;
     int64_t parts = (n * d) / CHUNK_ELEMENTS;
     if (parts > threads) parts = threads;

@@ -243,8 +243,8 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> Tensor | None:
     """
     if not eligible(x) or not rms._buffers["mean"].is_cpu:  # type: ignore[union-attr]
         return None
-    (offset, scale, _, _), bound = rms._cached_affine(x.dtype)
-    d = offset.numel()
+    affine, bound = rms._cached_affine(x.dtype)
+    d = affine.offset.numel()
     out = torch.empty_like(x)
     _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
@@ -252,8 +252,9 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> Tensor | None:
         x.dtype is torch.float64,
         x.numel() // max(d, 1),
         d,
-        offset.data_ptr(),
-        scale.data_ptr(),
+        affine.offset.data_ptr(),
+        affine.offset_lo.data_ptr(),
+        affine.scale.data_ptr(),
         bound,
         torch.get_num_threads(),
     )

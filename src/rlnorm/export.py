@@ -37,17 +37,26 @@ __all__ = [
 
 
 class FrozenNormalizer(nn.Module):
-    """``clamp((obs - offset) * scale, -clip, clip)`` with fixed float32 constants.
+    """``clamp(((obs - offset) - offset_lo) * scale, -clip, clip)`` with float32 constants.
+
+    The same float32 formula as :meth:`RunningMeanStd.normalize`, so deployed policies see
+    bitwise the normalized observations they were trained on.
 
     Args:
         offset: subtracted first (the running mean, or zeros for scale-only normalizers).
         scale: ``1 / sqrt(var + epsilon)``.
         clip: clamp bound; ``math.inf`` for none.
+        offset_lo: the part of the mean that ``offset`` in float32 leaves out (zeros if
+            ``None``).
     """
 
-    def __init__(self, offset: Tensor, scale: Tensor, clip: float) -> None:
+    def __init__(
+        self, offset: Tensor, scale: Tensor, clip: float, offset_lo: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.register_buffer("offset", offset.detach().to(torch.float32).clone())
+        lo = torch.zeros_like(self.offset) if offset_lo is None else offset_lo.detach()
+        self.register_buffer("offset_lo", lo.to(torch.float32).clone())
         self.register_buffer("scale", scale.detach().to(torch.float32).clone())
         self.clip = float(clip)
 
@@ -55,14 +64,13 @@ class FrozenNormalizer(nn.Module):
     def from_running(cls, rms: RunningMeanStd) -> FrozenNormalizer:
         """Freeze a :class:`~rlnorm.RunningMeanStd` as it is now (identity before any data)."""
         seen = bool(rms.weight_sum > 0)
-        offset = rms.mean if (seen and rms.center) else torch.zeros_like(rms.mean)
-        scale = torch.rsqrt(rms.var + rms.epsilon) if seen else torch.ones_like(rms.var)
+        affine = rms._compute_affine(torch.float32)
         clip = rms.clip if (seen and rms.clip is not None) else math.inf
-        return cls(offset.cpu(), scale.cpu(), clip)
+        return cls(affine.offset.cpu(), affine.scale.cpu(), clip, affine.offset_lo.cpu())
 
     def forward(self, obs: Tensor) -> Tensor:
         """Normalize ``obs`` of shape ``(*batch, *shape)``."""
-        y = (obs.to(torch.float32) - self.offset) * self.scale
+        y = ((obs.to(torch.float32) - self.offset) - self.offset_lo) * self.scale
         return y.clamp(-self.clip, self.clip)
 
 
@@ -149,7 +157,7 @@ def fold_into_linear(linear: nn.Linear, rms: RunningMeanStd) -> nn.Linear:
             f"{linear.in_features} features."
         )
     scale = frozen.scale.to(linear.weight)
-    offset = frozen.offset.to(linear.weight)
+    offset = (frozen.offset.double() + frozen.offset_lo.double()).to(linear.weight)
     folded = nn.Linear(linear.in_features, linear.out_features, bias=True).to(linear.weight)
     folded.weight.copy_(linear.weight * scale)
     bias = linear.bias if linear.bias is not None else torch.zeros_like(folded.bias)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,20 @@ from rlnorm.moments import (
 )
 
 __all__ = ["RunningMeanStd"]
+
+
+class Affine(NamedTuple):
+    """``normalize(x) = clamp(((x - offset) - offset_lo) * scale, low, high)``, in one dtype.
+
+    ``offset + offset_lo`` is the mean to twice the precision of the dtype.
+    """
+
+    offset: Tensor
+    offset_lo: Tensor
+    scale: Tensor
+    low: Tensor
+    high: Tensor
+
 
 _STATE_KEYS = ("mean", "var", "count", "weight_sum", "nonfinite_count", "mean_residual")
 
@@ -160,7 +174,7 @@ class RunningMeanStd(nn.Module):
         self._agreed_shift: Tensor | None = None
         # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
         self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...]] | None = None
-        self._affine_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor], float] | None = None
+        self._affine_cache: tuple[tuple, Affine, float] | None = None
 
     # ------------------------------------------------------------------ statistics
 
@@ -294,6 +308,10 @@ class RunningMeanStd(nn.Module):
     def normalize(self, x: Tensor) -> Tensor:
         """``clamp((x - mean) / sqrt(var + epsilon), -clip, clip)`` in ``x``'s dtype.
 
+        float32 inputs are computed in float32 with the mean split into two float32 parts, so
+        the result is accurate to float32 precision even when the mean is large compared with
+        the standard deviation.
+
         Before the first update this is the identity (no clamp either), unless a
         ``prior_weight`` gives the statistics a prior to normalize with. The statistics are
         buffers without gradients, so the output carries no autograd history into them and can
@@ -310,11 +328,11 @@ class RunningMeanStd(nn.Module):
         y = _native.try_normalize(self, x)
         if y is not None:
             return y
-        offset, scale, low, high = self._affine(x)
-        compute_dtype = offset.dtype
-        y = torch.sub(x.to(compute_dtype), offset).mul_(scale)
+        affine = self._affine(x)
+        y = torch.sub(x.to(affine.scale.dtype), affine.offset).sub_(affine.offset_lo)
+        y = y.mul_(affine.scale)
         if self.clip is not None:
-            y = y.clamp_(low, high)
+            y = y.clamp_(affine.low, affine.high)
         return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
 
     def denormalize(self, y: Tensor) -> Tensor:
@@ -327,11 +345,13 @@ class RunningMeanStd(nn.Module):
             The tensor in the original units, in ``y``'s dtype.
         """
         self._check_input(y, name="y")
-        offset, scale, _, _ = self._affine(y)
+        affine = self._affine(y)
+        dtype = affine.scale.dtype
         return (
-            torch.div(y.to(offset.dtype), scale)
-            .add_(offset)
-            .to(y.dtype if y.is_floating_point() else offset.dtype)
+            torch.div(y.to(dtype), affine.scale)
+            .add_(affine.offset_lo)
+            .add_(affine.offset)
+            .to(y.dtype if y.is_floating_point() else dtype)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -340,7 +360,7 @@ class RunningMeanStd(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _affine(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _affine(self, x: Tensor) -> Affine:
         """Offset, scale and clamp bounds in the dtype ``x`` is computed in.
 
         On the CPU they are cached until a statistic or setting changes (tensor version counters
@@ -359,9 +379,7 @@ class RunningMeanStd(nn.Module):
             return self._compute_affine(dtype)
         return self._cached_affine(dtype)[0]
 
-    def _cached_affine(
-        self, dtype: torch.dtype
-    ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], float]:
+    def _cached_affine(self, dtype: torch.dtype) -> tuple[Affine, float]:
         """CPU only: the affine of ``dtype`` and the clamp bound as a number, cached."""
         buffers = self._buffers
         mean, var, weight = buffers["mean"], buffers["var"], buffers["weight_sum"]
@@ -379,22 +397,32 @@ class RunningMeanStd(nn.Module):
         )
         if self._affine_cache is None or self._affine_cache[0] != key:
             affine = self._compute_affine(dtype)
-            high = affine[3].reshape(-1)
+            high = affine.high.reshape(-1)
             # The native kernel takes the bound as a number: one host read per change.
             bound = float(high[0]) if high.numel() else math.inf
             self._affine_cache = (key, affine, bound)
         return self._affine_cache[1], self._affine_cache[2]
 
-    def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _compute_affine(self, dtype: torch.dtype) -> Affine:
         # Statistics count as seen once they carry weight: data, or a `prior_weight`.
         seen = self.weight_sum > 0
         scale = torch.where(seen, torch.rsqrt(self.var + self.epsilon), 1.0)
-        offset = torch.where(seen, self.mean, 0.0) if self.center else torch.zeros_like(self.mean)
+        if self.center:
+            mean = torch.where(seen, self.mean, 0.0)
+            offset = mean.to(dtype)
+            # What rounding the mean to `dtype` lost, plus the mean's own residual: subtracting
+            # both keeps float32 outputs accurate to float32 precision relative to the std
+            # however far the data sit from zero (a float32 mean alone is off by up to
+            # 6e-8 * |mean|, i.e. 6e-5 in normalized units at mean 1e3 and std 1).
+            residual = torch.where(seen, self.mean_residual, 0.0)
+            offset_lo = ((mean - offset.to(torch.float64)) + residual).to(dtype)
+        else:
+            offset = offset_lo = torch.zeros_like(self.mean, dtype=dtype)
         clip = math.inf if self.clip is None else self.clip
         high = torch.where(seen, clip, math.inf).to(dtype=dtype, device=self.mean.device)
         # Bounds of the feature shape: clamp with 0-d tensor bounds is ~10x slower on the CPU.
         high = high.expand(self.mean.shape).contiguous()
-        return offset.to(dtype), scale.to(dtype), -high, high
+        return Affine(offset, offset_lo, scale.to(dtype), -high, high)
 
     def _check_input(self, x: Tensor, name: str = "x") -> None:
         check.check_tensor(name, x, self._buffers["mean"].device)  # type: ignore[union-attr]
