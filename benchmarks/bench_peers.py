@@ -14,6 +14,9 @@ above 1 means rlnorm is faster). What is timed, exactly:
 - rlnorm torch path (CPU only): the same with the native kernels turned off
   (``rlnorm._native.native_kernels(False)``, as ``RLNORM_NATIVE=0`` does), i.e. the code that
   also runs under ``torch.compile`` and on CUDA.
+- rlnorm CUDA graph (CUDA only): replays of CUDA graphs that captured ``rms.update(x)`` and
+  ``rms.normalize(x)`` (``x`` a static input). A further line times a whole step (update then
+  normalize) eager against one replay of its captured graph.
 - rlnorm compiled: ``torch.compile(rms.update, fullgraph=True)`` and the same for ``normalize``,
   on a separate instance; the compile time (first call) is reported separately, not timed.
 - SB3: ``stable_baselines3.common.running_mean_std.RunningMeanStd.update`` on the numpy view of
@@ -134,11 +137,68 @@ def make_candidates(
 
         cands.append(Candidate("rlnorm torch path", torch_update, torch_normalize))
 
+    if device.type == "cuda":
+        cands.append(graph_candidate(x))
     if not skip_compile:
         cands.append(compiled_candidate(x, compile_times))
     cands += peer_candidates(x, x_np)
     check_agreement(x, rms, cands)
     return cands
+
+
+def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn`` captured into a CUDA graph after a warm-up on a side stream (the usual recipe).
+
+    Returns:
+        The graph and the output of the captured call (rewritten by every replay).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def graph_candidate(x: torch.Tensor) -> Candidate:
+    """Replays of CUDA graphs that captured ``update(x)`` and ``normalize(x)`` (``x`` static)."""
+    rms_g = RunningMeanStd(x.shape[1], device=x.device)
+    rms_g.update(x)
+    update_graph, _ = capture(lambda: rms_g.update(x))
+    normalize_graph, normalized = capture(lambda: rms_g.normalize(x))
+
+    def normalize() -> object:
+        normalize_graph.replay()
+        return normalized
+
+    return Candidate("rlnorm CUDA graph", update_graph.replay, normalize)
+
+
+def step_line(x: torch.Tensor, repeats: int, block_s: float) -> str:
+    """A step that updates and normalizes, eager against one CUDA-graph replay."""
+    rms_e = RunningMeanStd(x.shape[1], device=x.device)
+    rms_g = RunningMeanStd(x.shape[1], device=x.device)
+
+    def eager_step() -> object:
+        rms_e.update(x)
+        return rms_e.normalize(x)
+
+    graph, _ = capture(lambda: (rms_g.update(x), rms_g.normalize(x)))
+    jobs = {"eager": eager_step, "graph": graph.replay}
+    calls = {name: calibrate(fn, block_s, x.device) for name, fn in jobs.items()}
+    samples: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            samples[name].append(time_block(fn, calls[name], x.device))
+    eager, graphed = (statistics.median(samples[name]) * 1e6 for name in jobs)
+    return (
+        f"Step that updates and normalizes: eager {eager:.1f} µs, one CUDA-graph replay "
+        f"{graphed:.1f} µs ({eager / graphed:.1f}x)."
+    )
 
 
 def compiled_candidate(x: torch.Tensor, compile_times: dict[str, float]) -> Candidate:
@@ -299,6 +359,8 @@ def bench_shape(
         for cand in cands
     ]
     lines += ["", targets_line(med)]
+    if device.type == "cuda":
+        lines.append(step_line(x, repeats, block_s))
     if compile_times:
         lines.append(
             f"Compile time of the rlnorm compiled versions (first call, not in the table): "
