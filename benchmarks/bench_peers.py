@@ -14,6 +14,8 @@ above 1 means rlnorm is faster). What is timed, exactly:
 - rlnorm torch path (CPU only): the same with the native kernels turned off
   (``rlnorm._native.native_kernels(False)``, as ``RLNORM_NATIVE=0`` does), i.e. the code that
   also runs under ``torch.compile`` and on CUDA.
+- rlnorm, automatic graphs off (CUDA only): the same with ``rlnorm.cuda_graphs.use_graphs(False)``
+  (as ``RLNORM_CUDA_GRAPHS=0`` does): every call launches its kernels one by one.
 - rlnorm CUDA graph (CUDA only): replays of CUDA graphs that captured ``rms.update(x)`` and
   ``rms.normalize(x)`` (``x`` a static input). A further line times a whole step (update then
   normalize) eager against one replay of its captured graph.
@@ -61,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlnorm import RunningMeanStd, _native
+from rlnorm import RunningMeanStd, _native, cuda_graphs
 
 SHAPES = [(16, 8), (1024, 64), (16384, 256)]
 EPS = 1e-8
@@ -138,6 +140,18 @@ def make_candidates(
         cands.append(Candidate("rlnorm torch path", torch_update, torch_normalize))
 
     if device.type == "cuda":
+        rms_e = RunningMeanStd(dims, device=device)
+        rms_e.update(x)
+
+        def eager_update() -> object:
+            with cuda_graphs.use_graphs(False):
+                return rms_e.update(x)
+
+        def eager_normalize() -> object:
+            with cuda_graphs.use_graphs(False):
+                return rms_e.normalize(x)
+
+        cands.append(Candidate("rlnorm, automatic graphs off", eager_update, eager_normalize))
         cands.append(graph_candidate(x))
     if not skip_compile:
         cands.append(compiled_candidate(x, compile_times))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import assert_close, assert_state_equal, state_of
-from rlnorm import RewardNormalizer, RunningMeanStd
+from rlnorm import RewardNormalizer, RunningMeanStd, cuda_graphs
 
 pytestmark = pytest.mark.cuda
 
@@ -201,3 +204,115 @@ def test_compiled_fullgraph_update_and_normalize_on_cuda_equal_eager() -> None:
         assert_close(compiled.var, eager.var, rtol=1e-12)
         assert_close(normalize(x), eager.normalize(x), rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ automatic CUDA graphs
+
+
+class _EagerTwin(RunningMeanStd):
+    """A normalizer whose CUDA calls never take the automatic graphs."""
+
+    def update(self, *args, **kwargs):
+        with cuda_graphs.use_graphs(False):
+            return super().update(*args, **kwargs)
+
+    def normalize(self, x):
+        with cuda_graphs.use_graphs(False):
+            return super().normalize(x)
+
+
+def _eager_twin(shape, **kwargs) -> RunningMeanStd:
+    return _EagerTwin(shape, device="cuda", **kwargs)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["exact", "ema"])
+def test_eager_cuda_calls_replay_graphs_bitwise_equal_to_eager(masked, momentum) -> None:
+    graphed = RunningMeanStd((2, 3), momentum=momentum, device="cuda")
+    eager = _eager_twin((2, 3), momentum=momentum)
+    gen = torch.Generator().manual_seed(7)
+    for i in range(6):
+        x = (torch.randn(64, 2, 3, generator=gen) * (1 + i) + 100 * i).cuda()
+        x[i, 0, 1] = math.nan
+        mask = (torch.rand(64, generator=gen) > 0.2).cuda() if masked else None
+        got, want = graphed.update(x, mask), eager.update(x, mask)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        assert_state_equal(cuda_state(graphed), cuda_state(eager))
+        y = graphed.normalize(x)
+        assert torch.equal(y.nan_to_num(7.0), eager.normalize(x).nan_to_num(7.0))
+    # The first call of a signature runs eagerly (warm-up), the second is captured.
+    assert len(graphed._update_graphs._graphs) == 1
+    assert len(graphed._normalize_graphs._graphs) == 1
+
+
+def test_graph_outputs_are_fresh_tensors_each_call() -> None:
+    rms = RunningMeanStd(4, device="cuda")
+    x = torch.randn(16, 4, device="cuda")
+    outs = [rms.normalize(x) for _ in range(4)]
+    moments = [rms.update(x) for _ in range(4)]
+    assert len({o.data_ptr() for o in outs}) == 4
+    assert len({m.mean.data_ptr() for m in moments}) == 4
+    before = outs[-1].clone()
+    rms.normalize(x * 3)
+    assert torch.equal(outs[-1], before)
+
+
+def test_changing_clip_after_capture_takes_effect() -> None:
+    rms = RunningMeanStd(2, device="cuda")
+    rms.update(torch.randn(100, 2, device="cuda"))
+    x = torch.full((8, 2), 50.0, device="cuda")
+    for _ in range(3):
+        assert float(rms.normalize(x).max()) == 10.0
+    rms.clip = 2.0
+    assert float(rms.normalize(x).max()) == 2.0
+
+
+def test_many_signatures_and_device_moves_stay_correct() -> None:
+    graphed = RunningMeanStd(3, device="cuda")
+    eager = _eager_twin(3)
+    for rows in [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10]:
+        x = torch.randn(rows, 3, device="cuda") + rows
+        graphed.update(x)
+        eager.update(x)
+    assert_state_equal(cuda_state(graphed), cuda_state(eager))
+    graphed.cpu()
+    assert not graphed._update_graphs._graphs
+    graphed.cuda()
+    x = torch.randn(5, 3, device="cuda")
+    for _ in range(3):
+        graphed.update(x)
+        eager.update(x)
+    assert_state_equal(cuda_state(graphed), cuda_state(eager))
+
+
+def test_graphs_can_be_turned_off() -> None:
+    rms = RunningMeanStd(3, device="cuda")
+    x = torch.randn(8, 3, device="cuda")
+    with cuda_graphs.use_graphs(False):
+        for _ in range(3):
+            rms.update(x)
+            rms.normalize(x)
+    assert not rms._update_graphs._graphs
+    assert not rms._normalize_graphs._graphs
+
+
+def test_environment_variable_turns_graphs_off() -> None:
+    code = "from rlnorm import cuda_graphs; print(cuda_graphs.graphs_enabled())"
+    env = {**os.environ, "RLNORM_CUDA_GRAPHS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_reward_normalizer_on_cuda_with_graphs_equals_the_cpu() -> None:
+    gpu = RewardNormalizer(4, device="cuda")
+    cpu = RewardNormalizer(4)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(8):
+        rewards = torch.randn(4, generator=gen, dtype=F64)
+        dones = torch.rand(4, generator=gen) > 0.7
+        gpu.update(rewards.cuda(), dones.cuda())
+        cpu.update(rewards, dones)
+    assert_close(gpu.stats.var.cpu(), cpu.stats.var, rtol=1e-12)
+    ones = torch.ones(4, dtype=F64)
+    assert_close(gpu.normalize(ones.cuda()).cpu(), cpu.normalize(ones), rtol=1e-12)

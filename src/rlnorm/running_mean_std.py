@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rlnorm import _native
+from rlnorm import _native, cuda_graphs
 from rlnorm import _validation as check
 from rlnorm.distributed import agree_shift, all_reduce_sums, is_distributed
 from rlnorm.moments import (
@@ -175,6 +175,9 @@ class RunningMeanStd(nn.Module):
         # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
         self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...]] | None = None
         self._affine_cache: tuple[tuple, Affine, float] | None = None
+        # CUDA graphs of eager CUDA calls, per input signature (see `rlnorm.cuda_graphs`).
+        self._update_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.update")
+        self._normalize_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.normalize")
 
     # ------------------------------------------------------------------ statistics
 
@@ -217,8 +220,36 @@ class RunningMeanStd(nn.Module):
             batch = _native.try_update(self, flat, weights, x.shape)
             if batch is not None:
                 return batch
+            if self.nonfinite == "skip" and cuda_graphs.eligible(flat):
+                return self._graphed_update(flat, weights)
         with torch.no_grad():
             return self._update_torch(x, flat, weights)
+
+    def _graphed_update(self, flat: Tensor, weights: Tensor | None) -> Moments:
+        """``update`` on CUDA through a CUDA graph of it (see :mod:`rlnorm.cuda_graphs`)."""
+        d = self.numel
+
+        def packed_update(flat: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():
+                m = self._update_torch(flat, flat, weights)
+            # One float64 tensor and the count: two copies out of the graph instead of five.
+            parts = (m.weight.view(1), m.mean.view(-1), m.var.view(-1), residual(m).view(-1))
+            return torch.cat(parts), m.count
+
+        key = (tuple(flat.shape), flat.dtype, weights is None, self.momentum, self.var_floor)
+        packed, count = self._update_graphs(
+            (*key, self.until),
+            packed_update,
+            (flat, weights),
+            lambda out: (out[0].clone(), out[1].clone()),
+        )
+        return Moments(
+            packed[0],
+            count,
+            packed[1 : 1 + d].view(self.shape),
+            packed[1 + d : 1 + 2 * d].view(self.shape),
+            packed[1 + 2 * d :].view(self.shape),
+        )
 
     def _update_torch(self, x: Tensor, flat: Tensor, weights: Tensor | None) -> Moments:
         """``update`` with torch operations (any device, compiled, synchronised)."""
@@ -328,6 +359,12 @@ class RunningMeanStd(nn.Module):
         y = _native.try_normalize(self, x)
         if y is not None:
             return y
+        if cuda_graphs.eligible(x):
+            key = (tuple(x.shape), x.dtype, self.clip, self.epsilon, self.center)
+            return self._normalize_graphs(key, self._normalize_torch, (x,), torch.clone)
+        return self._normalize_torch(x)
+
+    def _normalize_torch(self, x: Tensor) -> Tensor:
         affine = self._affine(x)
         y = torch.sub(x.to(affine.scale.dtype), affine.offset).sub_(affine.offset_lo)
         y = y.mul_(affine.scale)
@@ -481,6 +518,8 @@ class RunningMeanStd(nn.Module):
         self._affine_cache = None
         self._agreed_shift = None
         self._native_state = None
+        self._update_graphs.clear()
+        self._normalize_graphs.clear()
         return super()._apply(move_only, recurse)
 
     def _load_from_state_dict(
