@@ -106,10 +106,13 @@ def machine(device: torch.device) -> str:
 class Candidate:
     """One implementation: its update and normalize callables (``None`` where not applicable)."""
 
-    def __init__(self, name: str, update: Fn | None, normalize: Fn | None, note: str = "") -> None:
+    def __init__(
+        self, name: str, update: Fn | None, normalize: Fn | None, keep_alive: object = None
+    ) -> None:
         self.name = name
         self.fns = {"update": update, "normalize": normalize}
-        self.note = note
+        # What graph replays read without the callables holding it (the normalizer's buffers).
+        self.keep_alive = keep_alive
 
 
 def make_candidates(
@@ -152,7 +155,8 @@ def make_candidates(
                 return rms_e.normalize(x)
 
         cands.append(Candidate("rlnorm, automatic graphs off", eager_update, eager_normalize))
-        cands.append(graph_candidate(x))
+        with cuda_graphs.use_graphs(False):
+            cands.append(graph_candidate(x))
     if not skip_compile:
         cands.append(compiled_candidate(x, compile_times))
     cands += peer_candidates(x, x_np)
@@ -189,7 +193,7 @@ def graph_candidate(x: torch.Tensor) -> Candidate:
         normalize_graph.replay()
         return normalized
 
-    return Candidate("rlnorm CUDA graph", update_graph.replay, normalize)
+    return Candidate("rlnorm CUDA graph", update_graph.replay, normalize, keep_alive=rms_g)
 
 
 def step_line(x: torch.Tensor, repeats: int, block_s: float) -> str:
