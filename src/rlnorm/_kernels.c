@@ -429,10 +429,12 @@ typedef struct {
     const void *offset, *offset_lo, *scale;
     int clip;
     double bound;
+    int64_t at_bound; /* output: values equal to +-bound after the clamp */
 } NormTask;
 
-HOT static void normalize_range(const NormTask *t) {
+HOT static void normalize_range(NormTask *t) {
     const int64_t d = t->d;
+    int64_t at_bound = 0;
     if (t->is_f64) {
         const double *x = t->x, *o = t->offset, *ol = t->offset_lo, *sc = t->scale;
         double *y = t->y;
@@ -440,7 +442,10 @@ HOT static void normalize_range(const NormTask *t) {
         for (int64_t k = t->begin; k < t->end; k += d) {
             for (int64_t j = 0; j < d; j++) {
                 double v = ((x[k + j] - o[j]) - ol[j]) * sc[j];
-                if (t->clip) v = v < lo ? lo : (v > hi ? hi : v);
+                if (t->clip) {
+                    v = v < lo ? lo : (v > hi ? hi : v);
+                    at_bound += (v == lo) | (v == hi);
+                }
                 y[k + j] = v;
             }
         }
@@ -451,23 +456,27 @@ HOT static void normalize_range(const NormTask *t) {
         for (int64_t k = t->begin; k < t->end; k += d) {
             for (int64_t j = 0; j < d; j++) {
                 float v = ((x[k + j] - o[j]) - ol[j]) * sc[j];
-                if (t->clip) v = v < lo ? lo : (v > hi ? hi : v);
+                if (t->clip) {
+                    v = v < lo ? lo : (v > hi ? hi : v);
+                    at_bound += (v == lo) | (v == hi);
+                }
                 y[k + j] = v;
             }
         }
     }
+    t->at_bound = at_bound;
 }
 
 #if HAVE_THREADS
 static void *normalize_worker(void *arg) {
-    normalize_range((const NormTask *)arg);
+    normalize_range((NormTask *)arg);
     return NULL;
 }
 #endif
 
-/* normalize(x, y, is_f64, n, d, offset, offset_lo, scale, bound, threads):
+/* normalize(x, y, is_f64, n, d, offset, offset_lo, scale, bound, threads) -> at_bound:
  * y = clamp(((x - offset) - offset_lo) * scale, -bound, bound) in x's dtype (bound may be
- * inf); NaN stays NaN as in torch.clamp. */
+ * inf); NaN stays NaN as in torch.clamp. Returns how many values of y equal +-bound. */
 static PyObject *k_normalize(PyObject *self, PyObject *args) {
     unsigned long long px, py, po, pol, ps;
     long long n, d;
@@ -478,8 +487,8 @@ static PyObject *k_normalize(PyObject *self, PyObject *args) {
         return NULL;
     NormTask base = {(const void *)(uintptr_t)px, (void *)(uintptr_t)py, is_f64, d, 0, n * d,
                      (const void *)(uintptr_t)po, (const void *)(uintptr_t)pol,
-                     (const void *)(uintptr_t)ps, !isinf(clip), clip};
-    if (d <= 0 || n <= 0) Py_RETURN_NONE;
+                     (const void *)(uintptr_t)ps, !isinf(clip), clip, 0};
+    if (d <= 0 || n <= 0) return PyLong_FromLong(0);
     int64_t parts = (n * d) / CHUNK_ELEMENTS;
     if (parts > threads) parts = threads;
     if (parts > MAX_THREADS) parts = MAX_THREADS;
@@ -504,6 +513,7 @@ static PyObject *k_normalize(PyObject *self, PyObject *args) {
             else
                 normalize_range(&tasks[k]);
         }
+        for (int64_t k = 0; k < parts; k++) base.at_bound += tasks[k].at_bound;
     } else {
         normalize_range(&base);
     }
@@ -511,7 +521,7 @@ static PyObject *k_normalize(PyObject *self, PyObject *args) {
     normalize_range(&base);
 #endif
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return PyLong_FromLongLong((long long)base.at_bound);
 }
 
 static PyMethodDef methods[] = {

@@ -236,17 +236,20 @@ def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> Shifte
     )
 
 
-def try_normalize(rms: RunningMeanStd, x: Tensor) -> Tensor | None:
+def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
     """``rms.normalize(x)`` in one pass, or ``None`` when the native path does not apply.
 
     ``x`` must already have passed the normalizer's input checks.
+
+    Returns:
+        The normalized tensor and how many of its values sit at the clamp bound.
     """
     if not eligible(x) or not rms._buffers["mean"].is_cpu:  # type: ignore[union-attr]
         return None
     affine, bound = rms._cached_affine(x.dtype)
     d = affine.offset.numel()
     out = torch.empty_like(x)
-    _kernels.normalize(  # type: ignore[union-attr]
+    at_bound = _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
         out.data_ptr(),
         x.dtype is torch.float64,
@@ -258,4 +261,4 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> Tensor | None:
         bound,
         torch.get_num_threads(),
     )
-    return out
+    return out, at_bound

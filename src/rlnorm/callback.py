@@ -19,7 +19,7 @@ from rlnorm._version import __version__
 from rlnorm.distributed import is_distributed
 from rlnorm.drift import IntervalMetrics, batch_shift, drift, per_dim_drift, summary
 from rlnorm.moments import Moments
-from rlnorm.normalizers import TENSOR_KEY, NormalizerConfig, Normalizers, Observation, Shape
+from rlnorm.normalizers import NormalizerConfig, Normalizers, Observation, Shape
 from rlnorm.telemetry import DriftHeatmap, tensorboard_writers
 
 __all__ = ["SCHEMA_VERSION", "NormalizerCallback", "get_normalizer"]
@@ -232,14 +232,13 @@ class NormalizerCallback(Callback):
         Returns:
             The normalized observations, same structure.
         """
-        norms = self._sync_frozen()
-        out = norms.normalize_obs(obs)
-        clip = self.config.clip
-        if clip is not None and self.updates_enabled:
-            outputs = out.items() if isinstance(out, Mapping) else [(TENSOR_KEY, out)]
-            for key, value in outputs:
-                if key in norms.obs:
-                    self._metrics(norms.obs_tag(key)).update_clipped(value, clip)
+        norms = self.normalizers
+        if self.config.clip is None or not self.updates_enabled:
+            return norms.normalize_obs(obs)
+        # In the training loop the clip fraction is logged; the counts come with the output.
+        out, counts = norms.normalize_obs_counting_clipped(obs)
+        for key, (clipped, values) in counts.items():
+            self._metrics(norms.obs_tag(key)).add_clipped(clipped, values)
         return out
 
     def denormalize_obs(self, obs: Observation) -> Observation:

@@ -102,8 +102,10 @@ class IntervalMetrics:
     def _reset_partials(self) -> None:
         f64 = {"dtype": torch.float64, "device": self.device}
         self._shift_max = torch.full((), -math.inf, **f64)
+        # Clipped counts arrive as host ints (native CPU path) or device tensors (elsewhere).
         self._clipped = torch.zeros((), **f64)
-        self._values = torch.zeros((), **f64)
+        self._clipped_host = 0
+        self._values = 0
 
     def update_shift(self, value: Tensor) -> None:
         """Record one update's batch shift."""
@@ -113,8 +115,15 @@ class IntervalMetrics:
 
     def update_clipped(self, normalized: Tensor, clip: float) -> None:
         """Record which values of one ``normalize`` output sit at the clamp bound."""
-        self._clipped += (normalized.detach().abs() >= clip).sum()
-        self._values += normalized.numel()
+        self.add_clipped((normalized.detach().abs() >= clip).sum(), normalized.numel())
+
+    def add_clipped(self, clipped: int | Tensor, values: int) -> None:
+        """Record that ``clipped`` of ``values`` normalized values sat at the clamp bound."""
+        if isinstance(clipped, Tensor):
+            self._clipped += clipped
+        else:
+            self._clipped_host += clipped
+        self._values += values
 
     def compute_and_reset(self) -> dict[str, Tensor]:
         """Interval figures, reduced over ranks (a collective: call it on every rank).
@@ -123,10 +132,9 @@ class IntervalMetrics:
         """
         nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
         self.batch_shift.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
-        fraction = self._clipped / self._values.clamp_min(1.0)
-        self.clip_fraction.update(
-            torch.where(self._values > 0, fraction, nan), weight=self._values.clamp_min(1.0)
-        )
+        values = max(self._values, 1)
+        fraction = (self._clipped + self._clipped_host) / values
+        self.clip_fraction.update(fraction if self._values else nan, weight=float(values))
         with warnings.catch_warnings():
             # A rank whose interval had no data contributes NaN, which the metrics ignore.
             warnings.filterwarnings("ignore", message=".*Encountered.*nan.*")

@@ -298,6 +298,26 @@ class Normalizers(nn.Module):
             return self.obs[TENSOR_KEY].normalize(self._tensor(obs))
         return {k: self.obs[k].normalize(v) if k in self.obs else v for k, v in obs.items()}
 
+    def normalize_obs_counting_clipped(
+        self, obs: Observation
+    ) -> tuple[Observation, dict[str, tuple[int | Tensor, int]]]:
+        """:meth:`normalize_obs`, plus per normalizer key the values at ``+-clip`` and in all.
+
+        The counts are free on the native CPU path (see
+        :meth:`RunningMeanStd.normalize`'s ``return_clipped``).
+        """
+        self._ensure_obs(obs)
+        counts: dict[str, tuple[int | Tensor, int]] = {}
+
+        def run(key: str, x: Tensor) -> Tensor:
+            y, clipped = self.obs[key].normalize(x, return_clipped=True)
+            counts[key] = (clipped, y.numel())
+            return y
+
+        if not self.dict_obs:
+            return run(TENSOR_KEY, self._tensor(obs)), counts
+        return {k: run(k, v) if k in self.obs else v for k, v in obs.items()}, counts
+
     def denormalize_obs(self, obs: Observation) -> Observation:
         """Inverse of :meth:`normalize_obs` where values were not clipped."""
         self._ensure_obs(obs)

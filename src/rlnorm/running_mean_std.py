@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 import torch.distributed as dist
@@ -336,7 +336,17 @@ class RunningMeanStd(nn.Module):
 
     # ------------------------------------------------------------------ normalizing
 
-    def normalize(self, x: Tensor) -> Tensor:
+    @overload
+    def normalize(self, x: Tensor, *, return_clipped: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def normalize(
+        self, x: Tensor, *, return_clipped: Literal[True]
+    ) -> tuple[Tensor, int | Tensor]: ...
+
+    def normalize(
+        self, x: Tensor, *, return_clipped: bool = False
+    ) -> Tensor | tuple[Tensor, int | Tensor]:
         """``clamp((x - mean) / sqrt(var + epsilon), -clip, clip)`` in ``x``'s dtype.
 
         float32 inputs are computed in float32 with the mean split into two float32 parts, so
@@ -351,26 +361,43 @@ class RunningMeanStd(nn.Module):
 
         Args:
             x: tensor of shape ``(*batch, *shape)``. Integer inputs give float32 output.
+            return_clipped: also return how many output values sit at ``+-clip`` (what the
+                clamp cut), counted for free on the native CPU path: an ``int`` there, a 0-d
+                tensor elsewhere (no host synchronisation).
 
         Returns:
-            The normalized tensor, same shape as ``x``.
+            The normalized tensor, same shape as ``x`` (and the clipped count if asked).
         """
         self._check_input(x)
-        y = _native.try_normalize(self, x)
-        if y is not None:
-            return y
+        native = _native.try_normalize(self, x)
+        if native is not None:
+            return native if return_clipped else native[0]
         if cuda_graphs.eligible(x):
-            key = (tuple(x.shape), x.dtype, self.clip, self.epsilon, self.center)
-            return self._normalize_graphs(key, self._normalize_torch, (x,), torch.clone)
-        return self._normalize_torch(x)
+            key = (tuple(x.shape), x.dtype, self.clip, self.epsilon, self.center, return_clipped)
+            return self._normalize_graphs(
+                key,
+                lambda x: self._normalize_torch(x, return_clipped),
+                (x,),
+                lambda out: tuple(t.clone() for t in out) if return_clipped else out.clone(),
+            )
+        return self._normalize_torch(x, return_clipped)
 
-    def _normalize_torch(self, x: Tensor) -> Tensor:
+    def _normalize_torch(
+        self, x: Tensor, return_clipped: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``normalize`` with torch operations (any device, compiled, graph-captured)."""
         affine = self._affine(x)
         y = torch.sub(x.to(affine.scale.dtype), affine.offset).sub_(affine.offset_lo)
         y = y.mul_(affine.scale)
         if self.clip is not None:
             y = y.clamp_(affine.low, affine.high)
-        return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
+        out = y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
+        if not return_clipped:
+            return out
+        if self.clip is None:
+            return out, torch.zeros((), dtype=torch.int64, device=y.device)
+        # Values the clamp set to a finite bound (before any cast back to x's dtype).
+        return out, ((y.abs() == affine.high) & torch.isfinite(affine.high)).sum()
 
     def denormalize(self, y: Tensor) -> Tensor:
         """Inverse of :meth:`normalize`: ``y * sqrt(var + epsilon) + mean`` where not clipped.
