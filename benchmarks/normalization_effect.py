@@ -23,8 +23,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -56,6 +58,9 @@ def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str 
         for entry in config["trainer"]["callbacks"]:
             if entry["class_path"].endswith("NormalizerCallback"):
                 callbacks.append(rlnorm.NormalizerCallback(**entry.get("init_args", {})))
+    spent = [0.0]
+    for callback in callbacks:
+        time_calls(callback, spent)
     L.seed_everything(seed, verbose=False)
     model = PPO(**model_args)
     trainer = L.Trainer(
@@ -80,7 +85,44 @@ def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str 
         "solved_at": model.solved_at,
         "wall_s": wall,
         "sps": model.env_steps / wall,
+        "rlnorm_s": spent[0],
     }
+
+
+#: What the trainer and the model call on the callback: its API and its Lightning hooks.
+TIMED_METHODS = (
+    "update_obs",
+    "normalize_obs",
+    "normalize_rewards",
+    "scale_rewards",
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_optimizer_step",
+    "on_train_epoch_end",
+    "state_dict",
+    "on_save_checkpoint",
+)
+
+
+def time_calls(callback: object, spent: list[float]) -> None:
+    """Add the wall time of every call of the callback's timed methods to ``spent[0]``."""
+
+    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return call
+
+    for name in TIMED_METHODS:
+        if hasattr(callback, name):
+            setattr(callback, name, timed(getattr(callback, name)))
 
 
 def run_one(config: str, mode: str, seed: int, steps: int, accelerator: str = "cpu") -> dict:

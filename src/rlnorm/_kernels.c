@@ -45,6 +45,14 @@
 #define SHIFT_ROWS 32
 #define MAX_THREADS 64
 
+/* Calls on fewer elements keep the GIL: releasing it hands it to any waiting Python thread
+ * first, which can cost far more than a per-step normalize itself. */
+#define RELEASE_GIL_ELEMENTS (1 << 16)
+#define BEGIN_WORK(elements) \
+    PyThreadState *saved_ = (elements) >= RELEASE_GIL_ELEMENTS ? PyEval_SaveThread() : NULL;
+#define END_WORK \
+    if (saved_) PyEval_RestoreThread(saved_);
+
 /* ------------------------------------------------------------------------ sums */
 
 typedef struct {
@@ -344,7 +352,7 @@ static PyObject *k_update(PyObject *self, PyObject *args) {
     double weight = 0.0;
     int64_t b_count = 0, nonfinite = 0;
     int applied = 1, failed = 0;
-    Py_BEGIN_ALLOW_THREADS
+    BEGIN_WORK(n * d)
     double *sums = malloc(sizeof(double) * (d > 0 ? 3 * d : 1));
     if (!sums) {
         failed = 1;
@@ -390,7 +398,7 @@ static PyObject *k_update(PyObject *self, PyObject *args) {
         }
         free(sums);
     }
-    Py_END_ALLOW_THREADS
+    END_WORK
     if (failed) return PyErr_NoMemory();
     *b_weight = weight;
     *b_count_out = b_count;
@@ -409,12 +417,12 @@ static PyObject *k_shifted_sums(PyObject *self, PyObject *args) {
     double weight = 0.0;
     int64_t count = 0, nonfinite = 0;
     int failed;
-    Py_BEGIN_ALLOW_THREADS
+    BEGIN_WORK(n * d)
     failed = shifted_sums((const void *)(uintptr_t)px, is_f64, n, d,
                           (const double *)(uintptr_t)pw, (const double *)(uintptr_t)pshift,
                           (double *)(uintptr_t)ps, (double *)(uintptr_t)pq, &weight, &count,
                           &nonfinite, threads);
-    Py_END_ALLOW_THREADS
+    END_WORK
     if (failed) return PyErr_NoMemory();
     return Py_BuildValue("dLL", weight, (long long)count, (long long)nonfinite);
 }
@@ -493,7 +501,7 @@ static PyObject *k_normalize(PyObject *self, PyObject *args) {
     if (parts > threads) parts = threads;
     if (parts > MAX_THREADS) parts = MAX_THREADS;
     if (parts < 1) parts = 1;
-    Py_BEGIN_ALLOW_THREADS
+    BEGIN_WORK(n * d)
 #if HAVE_THREADS
     if (parts > 1) {
         NormTask tasks[MAX_THREADS];
@@ -520,11 +528,47 @@ static PyObject *k_normalize(PyObject *self, PyObject *args) {
 #else
     normalize_range(&base);
 #endif
-    Py_END_ALLOW_THREADS
+    END_WORK
     return PyLong_FromLongLong((long long)base.at_bound);
 }
 
+/* ------------------------------------------------------------------------ returns */
+
+/* discounted_returns(rewards, dones, returns, trajectory, steps, envs, gamma):
+ * for each step t: a finite reward r advances ret = ret * gamma + r and trajectory[t] = ret; a
+ * non-finite one leaves ret and gives trajectory[t] = NaN; then ret = 0 where dones[t]. The
+ * recursion of RewardNormalizer.update, float64 rewards and returns, bool (uint8) dones;
+ * `returns` is updated in place. */
+static PyObject *k_discounted_returns(PyObject *self, PyObject *args) {
+    unsigned long long pr, pd, pret, ptraj;
+    long long steps, envs;
+    double gamma;
+    if (!PyArg_ParseTuple(args, "KKKKLLd", &pr, &pd, &pret, &ptraj, &steps, &envs, &gamma))
+        return NULL;
+    const double *rewards = (const double *)(uintptr_t)pr;
+    const uint8_t *dones = (const uint8_t *)(uintptr_t)pd;
+    double *ret = (double *)(uintptr_t)pret, *traj = (double *)(uintptr_t)ptraj;
+    BEGIN_WORK(steps * envs)
+    for (int64_t t = 0; t < steps; t++) {
+        for (int64_t e = 0; e < envs; e++) {
+            const int64_t k = t * envs + e;
+            const double r = rewards[k];
+            if (isfinite(r)) {
+                ret[e] = ret[e] * gamma + r;
+                traj[k] = ret[e];
+            } else {
+                traj[k] = NAN;
+            }
+            if (dones[k]) ret[e] = 0.0;
+        }
+    }
+    END_WORK
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"discounted_returns", k_discounted_returns, METH_VARARGS,
+     "RewardNormalizer's return recursion over a rollout (see _native.py)."},
     {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see _native.py)."},
     {"shifted_sums", k_shifted_sums, METH_VARARGS, "Fused shifted sums (see _native.py)."},
     {"normalize", k_normalize, METH_VARARGS, "Fused normalize (see _native.py)."},

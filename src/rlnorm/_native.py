@@ -262,3 +262,32 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
         torch.get_num_threads(),
     )
     return out, at_bound
+
+
+def try_discounted_returns(
+    rewards: Tensor, dones: Tensor, returns: Tensor, gamma: float
+) -> tuple[Tensor, Tensor] | None:
+    """The return recursion of :meth:`RewardNormalizer.update` over a ``(T, envs)`` rollout.
+
+    Returns:
+        The trajectory of returns fed to the statistics (NaN at non-finite rewards) and the
+        returns after the last step, both new float64 tensors, or ``None`` when ineligible
+        (``returns`` itself is left untouched either way).
+    """
+    if not (_enabled and eligible(rewards)) or returns.dtype != torch.float64 or not returns.is_cpu:
+        return None
+    steps, envs = rewards.shape
+    rewards = rewards.to(torch.float64).contiguous()
+    dones = dones.to(torch.bool).contiguous()
+    new_returns = returns.clone()
+    trajectory = torch.empty((steps, envs), dtype=torch.float64)
+    _kernels.discounted_returns(  # type: ignore[union-attr]
+        rewards.data_ptr(),
+        dones.data_ptr(),
+        new_returns.data_ptr(),
+        trajectory.data_ptr(),
+        steps,
+        envs,
+        float(gamma),
+    )
+    return trajectory, new_returns

@@ -307,16 +307,17 @@ class Normalizers(nn.Module):
         :meth:`RunningMeanStd.normalize`'s ``return_clipped``).
         """
         self._ensure_obs(obs)
-        counts: dict[str, tuple[int | Tensor, int]] = {}
-
-        def run(key: str, x: Tensor) -> Tensor:
-            y, clipped = self.obs[key].normalize(x, return_clipped=True)
-            counts[key] = (clipped, y.numel())
-            return y
-
         if not self.dict_obs:
-            return run(TENSOR_KEY, self._tensor(obs)), counts
-        return {k: run(k, v) if k in self.obs else v for k, v in obs.items()}, counts
+            y, clipped = self.obs[TENSOR_KEY].normalize(self._tensor(obs), return_clipped=True)
+            return y, {TENSOR_KEY: (clipped, y.numel())}
+        out: dict[str, Tensor] = {}
+        counts: dict[str, tuple[int | Tensor, int]] = {}
+        for key, value in obs.items():  # type: ignore[union-attr]
+            if key in self.obs:
+                value, clipped = self.obs[key].normalize(value, return_clipped=True)
+                counts[key] = (clipped, value.numel())
+            out[key] = value
+        return out, counts
 
     def denormalize_obs(self, obs: Observation) -> Observation:
         """Inverse of :meth:`normalize_obs` where values were not clipped."""

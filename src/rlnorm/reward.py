@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rlnorm import _native
 from rlnorm import _validation as check
 from rlnorm.moments import Moments
 from rlnorm.running_mean_std import RunningMeanStd
@@ -145,6 +146,12 @@ class RewardNormalizer(nn.Module):
         steps, dones = self._check(rewards, dones)
         if self.mode == "reward":
             return self.stats.update(steps)
+        native = _native.try_discounted_returns(steps, dones, self.returns, self.gamma)
+        if native is not None:
+            trajectory, returns = native
+            batch = self.stats.update(trajectory)
+            self.returns.copy_(returns)
+            return batch
         returns = self.returns
         trajectory = torch.empty(steps.shape, dtype=torch.float64, device=steps.device)
         for t in range(steps.shape[0]):
