@@ -260,3 +260,29 @@ def test_compiled_update_and_normalize_trace_the_torch_path() -> None:
     out = torch.compile(rms.normalize, fullgraph=True)(x)
     assert_close(out, ref.normalize(x), rtol=1e-6, atol=1e-6)
     assert np.isfinite(out.numpy()).all()
+
+
+def _allocated_bytes(fn: callable) -> int:
+    """Bytes torch's CPU allocator handed out during ``fn()`` (frees not subtracted)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def test_update_allocates_nothing_proportional_to_the_batch() -> None:
+    rms = RunningMeanStd(256)
+    x = torch.randn(16384, 256)  # 16 MiB
+    rms.update(x)
+    allocated = _allocated_bytes(lambda: rms.update(x))
+    assert allocated < 64 * 1024  # the batch moments only (3 x 256 float64 and two scalars)
+
+
+def test_normalize_allocates_only_its_output() -> None:
+    rms = RunningMeanStd(256)
+    x = torch.randn(16384, 256)
+    rms.update(x)
+    rms.normalize(x)  # fills the affine cache
+    allocated = _allocated_bytes(lambda: rms.normalize(x))
+    assert x.numel() * 4 <= allocated < x.numel() * 4 + 64 * 1024

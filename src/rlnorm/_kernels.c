@@ -448,28 +448,32 @@ HOT static void normalize_range(NormTask *t) {
         double *y = t->y;
         const double hi = t->bound, lo = -t->bound;
         for (int64_t k = t->begin; k < t->end; k += d) {
+            int64_t row_hits = 0; /* counted in lanes of the value's width: vectorizes */
             for (int64_t j = 0; j < d; j++) {
                 double v = ((x[k + j] - o[j]) - ol[j]) * sc[j];
                 if (t->clip) {
                     v = v < lo ? lo : (v > hi ? hi : v);
-                    at_bound += (v == lo) | (v == hi);
+                    row_hits += fabs(v) == hi;
                 }
                 y[k + j] = v;
             }
+            at_bound += row_hits;
         }
     } else {
         const float *x = t->x, *o = t->offset, *ol = t->offset_lo, *sc = t->scale;
         float *y = t->y;
         const float hi = (float)t->bound, lo = -(float)t->bound;
         for (int64_t k = t->begin; k < t->end; k += d) {
+            int32_t row_hits = 0;
             for (int64_t j = 0; j < d; j++) {
                 float v = ((x[k + j] - o[j]) - ol[j]) * sc[j];
                 if (t->clip) {
                     v = v < lo ? lo : (v > hi ? hi : v);
-                    at_bound += (v == lo) | (v == hi);
+                    row_hits += fabsf(v) == hi;
                 }
                 y[k + j] = v;
             }
+            at_bound += row_hits;
         }
     }
     t->at_bound = at_bound;

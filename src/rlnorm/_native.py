@@ -246,8 +246,7 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
     """
     if not eligible(x) or not rms._buffers["mean"].is_cpu:  # type: ignore[union-attr]
         return None
-    affine, bound = rms._cached_affine(x.dtype)
-    d = affine.offset.numel()
+    _, (offset, offset_lo, scale, bound, d) = rms._cached_affine(x.dtype)
     out = torch.empty_like(x)
     at_bound = _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
@@ -255,9 +254,9 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
         x.dtype is torch.float64,
         x.numel() // max(d, 1),
         d,
-        affine.offset.data_ptr(),
-        affine.offset_lo.data_ptr(),
-        affine.scale.data_ptr(),
+        offset,
+        offset_lo,
+        scale,
         bound,
         torch.get_num_threads(),
     )

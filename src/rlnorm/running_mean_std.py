@@ -174,7 +174,7 @@ class RunningMeanStd(nn.Module):
         self._agreed_shift: Tensor | None = None
         # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
         self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...]] | None = None
-        self._affine_cache: tuple[tuple, Affine, float] | None = None
+        self._affine_cache: tuple[tuple, Affine, tuple[int, int, int, float, int]] | None = None
         # CUDA graphs of eager CUDA calls, per input signature (see `rlnorm.cuda_graphs`).
         self._update_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.update")
         self._normalize_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.normalize")
@@ -443,8 +443,12 @@ class RunningMeanStd(nn.Module):
             return self._compute_affine(dtype)
         return self._cached_affine(dtype)[0]
 
-    def _cached_affine(self, dtype: torch.dtype) -> tuple[Affine, float]:
-        """CPU only: the affine of ``dtype`` and the clamp bound as a number, cached."""
+    def _cached_affine(self, dtype: torch.dtype) -> tuple[Affine, tuple[int, int, int, float, int]]:
+        """CPU only, cached: the affine of ``dtype`` and the native normalize kernel's arguments.
+
+        The arguments are the addresses of offset, offset_lo and scale, the clamp bound as a
+        number and the number of features.
+        """
         buffers = self._buffers
         mean, var, weight = buffers["mean"], buffers["var"], buffers["weight_sum"]
         key = (
@@ -464,7 +468,14 @@ class RunningMeanStd(nn.Module):
             high = affine.high.reshape(-1)
             # The native kernel takes the bound as a number: one host read per change.
             bound = float(high[0]) if high.numel() else math.inf
-            self._affine_cache = (key, affine, bound)
+            args = (
+                affine.offset.data_ptr(),
+                affine.offset_lo.data_ptr(),
+                affine.scale.data_ptr(),
+                bound,
+                affine.offset.numel(),
+            )
+            self._affine_cache = (key, affine, args)
         return self._affine_cache[1], self._affine_cache[2]
 
     def _compute_affine(self, dtype: torch.dtype) -> Affine:
