@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -36,6 +37,20 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
 
     with _native.native_kernels(request.param == "native"):
         yield request.param
+
+
+def init_gloo(rank: int, init_file: str, world_size: int) -> None:
+    """Join a CPU (gloo) process group through a shared file, one torch thread per process."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
 
 
 def to_numpy64(x: torch.Tensor | np.ndarray) -> np.ndarray:

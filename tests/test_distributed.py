@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import assert_close, reference_moments, state_of
+from conftest import assert_close, init_gloo, reference_moments, state_of
 from rlnorm import RewardNormalizer, RunningMeanStd
 from rlnorm.distributed import agree_shift, all_reduce_sums, is_distributed
 from rlnorm.moments import batch_shift, shifted_sums
@@ -82,14 +81,7 @@ def local_returns(rank: int, gamma: float) -> tuple[torch.Tensor, list[float]]:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, init_file, WORLD)
     try:
         results: dict[str, object] = {"is_distributed": is_distributed()}
 

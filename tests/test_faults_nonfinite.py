@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import rlnorm
 from agents import QUIET_LIGHTNING, make_trainer
-from conftest import assert_close, assert_state_equal, reference_moments, state_of
+from conftest import assert_close, assert_state_equal, init_gloo, reference_moments, state_of
 from rlnorm import RewardNormalizer, RunningMeanStd
 
 pytestmark = pytest.mark.filterwarnings(*QUIET_LIGHTNING)
@@ -324,14 +323,7 @@ DIST_PLAN = {
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, init_file, WORLD)
     try:
         results: dict[str, Any] = {}
         for name, momentum in (("exact", None), ("ema", 0.7)):
