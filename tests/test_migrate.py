@@ -683,3 +683,45 @@ def test_from_gymnasium_different_epsilons_error_shows_both() -> None:
         ValueError, match=r"obs_wrapper.epsilon=1e-08, reward_wrapper.epsilon=1e-06"
     ):
         from_gymnasium(env, env)
+
+
+# ---------------------------------------------------------------------------- into Lightning
+
+
+def test_callback_from_migrated_normalizers_continues_their_statistics(tmp_path: Path) -> None:
+    from agents import RolloutAgent, make_trainer
+
+    config = NormalizerConfig.sb3_compatible(obs_shape=4, num_envs=4)
+    migrated = Normalizers(config)
+    gen = torch.Generator().manual_seed(0)
+    migrated.update_obs(torch.randn(500, 4, generator=gen, dtype=torch.float64) * 2 + 1)
+    migrated.normalize_rewards(torch.rand(3, 4, generator=gen), torch.zeros(3, 4, dtype=torch.bool))
+    before = {k: v.clone() for k, v in migrated.state_dict().items()}
+
+    callback = rlnorm.NormalizerCallback.from_normalizers(migrated, name="sb3")
+    agent = RolloutAgent(normalizer="sb3")
+    make_trainer(tmp_path, [callback], max_steps=3).fit(agent)
+
+    # The caller's normalizers are untouched: the callback trained a copy.
+    for key, value in migrated.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # The callback went on from the migrated statistics with the agent's observations.
+    expected = Normalizers(config)
+    expected.load_state_dict(before)
+    for _, obs in agent.obs_updates:
+        expected.update_obs(obs)
+    ours, ref = callback.normalizers.obs["obs"], expected.obs["obs"]
+    assert int(ours.count) == 500 + sum(
+        int(torch.isfinite(o).all(-1).sum()) for _, o in agent.obs_updates
+    )
+    assert_close(ours.mean, ref.mean, rtol=1e-12)
+    assert_close(ours.var, ref.var, rtol=1e-12)
+    assert callback.config.prior_weight == pytest.approx(1e-4)
+
+
+def test_from_normalizers_refuses_settings_that_come_from_the_config() -> None:
+    norms = Normalizers(NormalizerConfig.sb3_compatible(obs_shape=4))
+    with pytest.raises(TypeError, match=r"`clip` comes from `normalizers\.config`"):
+        rlnorm.NormalizerCallback.from_normalizers(norms, clip=5.0)
+    with pytest.raises(TypeError, match="`normalizers`"):
+        rlnorm.NormalizerCallback.from_normalizers({"obs": 1})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
@@ -168,8 +169,41 @@ class NormalizerCallback(Callback):
         self._interval: dict[str, IntervalMetrics] = {}
         self._last_logged: dict[str, Moments] = {}
         self._heatmaps: dict[str, DriftHeatmap] = {}
+        # Statistics to start from (`from_normalizers`), loaded at `setup`.
+        self._initial_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ identity
+
+    @classmethod
+    def from_normalizers(cls, normalizers: Normalizers, **kwargs: Any) -> NormalizerCallback:
+        """A callback that trains on from existing statistics, e.g. migrated from SB3 or Gymnasium.
+
+        The normalizer settings are ``normalizers.config``; the statistics (and the reward
+        returns) are copied now and loaded into the callback's own normalizers at ``setup``. A
+        checkpoint resumed later replaces them, as usual.
+
+        Args:
+            normalizers: the statistics to start from.
+            **kwargs: the callback's own arguments: ``name``, ``batch_keys``,
+                ``update_mask_key``, ``log_every_n_steps``, ``log_histograms``, ``device``.
+
+        Example:
+            >>> norms = rlnorm.load_sb3_vecnormalize("vec_normalize.pkl")  # doctest: +SKIP
+            >>> callback = NormalizerCallback.from_normalizers(norms, name="obs")  # doctest: +SKIP
+        """
+        check.check_instance("normalizers", normalizers, Normalizers)
+        fields = [f.name for f in dataclasses.fields(NormalizerConfig)]
+        settings = sorted(set(kwargs) & set(fields))
+        if settings:
+            raise TypeError(
+                f"`{settings[0]}` comes from `normalizers.config` in "
+                "NormalizerCallback.from_normalizers; pass only the callback's own arguments "
+                f"(got {sorted(kwargs)})."
+            )
+        callback = cls(**{name: getattr(normalizers.config, name) for name in fields}, **kwargs)
+        # Copied now, loaded at `setup`: no tensor is shared with the caller's normalizers.
+        callback._initial_state = _statistics_state(normalizers)
+        return callback
 
     @property
     @override
@@ -289,6 +323,9 @@ class NormalizerCallback(Callback):
         self._trainer = trainer
         if self._normalizers is None:
             self._normalizers = Normalizers(self.config, device=self.device)
+            if self._initial_state is not None:
+                where = f"statistics given to {self.state_key} by `from_normalizers`"
+                restore_normalizers(self._normalizers, self._initial_state, where)
         if stage == "fit":
             for ckpt in trainer.checkpoint_callbacks:
                 if getattr(ckpt, "save_weights_only", False):
@@ -363,14 +400,10 @@ class NormalizerCallback(Callback):
             return {}
         norms = self._normalizers
         return {
-            "schema_version": SCHEMA_VERSION,
+            **_statistics_state(norms),
             "rlnorm_version": __version__,
             "name": self.name,
             "config": self.config.to_dict(),
-            "dict_obs": norms.dict_obs,
-            "obs_shapes": {key: list(shape) for key, shape in norms.obs_shapes.items()},
-            "num_envs": None if norms.reward is None else norms.reward.num_envs,
-            "normalizers": {k: v.detach().clone() for k, v in norms.state_dict().items()},
             "reward_returns_by_rank": _gather_returns(norms),
             "last_logged": {tag: m._asdict() for tag, m in self._last_logged.items()},
         }
@@ -536,6 +569,18 @@ def check_state(state: Mapping[str, Any], where: str) -> None:
             f"The {where} (schema version {version}) is incomplete: it lacks {missing_keys} "
             f"(keys: {sorted(state)}); it was edited or damaged."
         )
+
+
+def _statistics_state(norms: Normalizers) -> dict[str, Any]:
+    """The part of a callback state that holds the statistics (what `restore_normalizers` reads)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": norms.config.to_dict(),
+        "dict_obs": norms.dict_obs,
+        "obs_shapes": {key: list(shape) for key, shape in norms.obs_shapes.items()},
+        "num_envs": None if norms.reward is None else norms.reward.num_envs,
+        "normalizers": {k: v.detach().clone() for k, v in norms.state_dict().items()},
+    }
 
 
 def restore_normalizers(norms: Normalizers, state: Mapping[str, Any], where: str) -> None:
