@@ -316,3 +316,32 @@ def test_reward_normalizer_on_cuda_with_graphs_equals_the_cpu() -> None:
     assert_close(gpu.stats.var.cpu(), cpu.stats.var, rtol=1e-12)
     ones = torch.ones(4, dtype=F64)
     assert_close(gpu.normalize(ones.cuda()).cpu(), cpu.normalize(ones), rtol=1e-12)
+
+
+def test_load_state_dict_with_assign_drops_graphs_of_the_old_buffers() -> None:
+    graphed = RunningMeanStd(3, device="cuda")
+    eager = _eager_twin(3)
+    x = torch.randn(16, 3, device="cuda")
+    for _ in range(3):  # warm-up, capture, replay
+        graphed.update(x)
+        eager.update(x)
+    state = {k: v.clone() for k, v in eager.state_dict().items()}
+    graphed.load_state_dict(state, assign=True)
+    eager.load_state_dict(state)
+    y = torch.randn(16, 3, device="cuda") * 4 + 2
+    for _ in range(3):
+        graphed.update(y)
+        eager.update(y)
+    assert_state_equal(cuda_state(graphed), cuda_state(eager))
+
+
+def test_graphs_captured_in_inference_mode_do_not_serve_calls_outside_it() -> None:
+    rms = RunningMeanStd(3, device="cuda")
+    x = torch.randn(16, 3, device="cuda")
+    with torch.inference_mode():
+        for _ in range(3):
+            rms.normalize(x)
+    with torch.no_grad():
+        for _ in range(3):
+            out = rms.normalize(x)
+    assert not out.is_inference()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import math
 import os
 import subprocess
 import sys
@@ -286,3 +289,60 @@ def test_normalize_allocates_only_its_output() -> None:
     rms.normalize(x)  # fills the affine cache
     allocated = _allocated_bytes(lambda: rms.normalize(x))
     assert x.numel() * 4 <= allocated < x.numel() * 4 + 64 * 1024
+
+
+def test_buffers_of_the_wrong_size_take_the_torch_path_instead_of_being_overrun() -> None:
+    rms = RunningMeanStd(4)
+    backing = torch.arange(4, dtype=F64)
+    rms.var = backing[:2]  # a buffer replaced by one too small for the kernel's writes
+    with pytest.raises(RuntimeError):
+        rms.update(torch.randn(8, 4))  # the torch code refuses the shapes
+    assert torch.equal(backing, torch.arange(4, dtype=F64))  # nothing written past the end
+
+
+def test_shifted_sums_with_mis_shaped_weights_or_shift_behave_like_the_torch_code() -> None:
+    x = torch.randn(6, 3, dtype=F64)
+    shift = torch.zeros(3, dtype=F64)
+    one = torch.ones(1, dtype=F64)
+    for native in (True, False):
+        with _native.native_kernels(native):
+            assert float(shifted_sums(x, one, shift).weight) == 6.0  # broadcast, as torch does
+            with pytest.raises(RuntimeError):
+                shifted_sums(x, torch.ones(2, dtype=F64), shift)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_unusable_mask_weights_count_as_zero_on_both_paths(bad: float) -> None:
+    x = torch.randn(8, 3, dtype=F64)
+    mask = torch.ones(8, dtype=F64)
+    mask[5] = bad
+    states = []
+    for native in (True, False):
+        rms = RunningMeanStd(3)
+        with _native.native_kernels(native):
+            rms.update(x, mask)
+        states.append(state_of(rms))
+    assert_states_agree(*states)
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[5] = False
+    mean, var, _, count = reference_moments(x[keep])
+    assert int(states[0]["count"]) == count == 7
+    assert int(states[0]["nonfinite_count"]) == 0
+    assert_close(states[0]["mean"], mean, rtol=1e-14)
+    assert_close(states[0]["var"], var, rtol=1e-13)
+
+
+def test_copies_and_pickles_drop_caches_that_hold_buffer_addresses() -> None:
+    rms = RunningMeanStd(3)
+    rms.update(torch.randn(10, 3))
+    x = torch.randn(4, 3)
+    rms.normalize(x)
+    buffer = io.BytesIO()
+    torch.save(rms, buffer)
+    buffer.seek(0)
+    for copy_ in (copy.deepcopy(rms), torch.load(buffer, weights_only=False)):
+        assert copy_._affine_cache is None
+        assert copy_._native_state is None
+        assert torch.equal(copy_.normalize(x), rms.normalize(x))
+        copy_.update(torch.randn(10, 3) + 5)  # writes the copy's buffers, not the original's
+        assert not torch.equal(copy_.mean, rms.mean)

@@ -53,6 +53,9 @@
 #define END_WORK \
     if (saved_) PyEval_RestoreThread(saved_);
 
+/* moments.usable_weights: negative, NaN and infinite weights count as 0. */
+static inline double usable(double w) { return w > 0 && w < INFINITY ? w : 0.0; }
+
 /* ------------------------------------------------------------------------ sums */
 
 typedef struct {
@@ -80,7 +83,7 @@ HOT static void sums_rows(const SumsTask *t) {
         for (int64_t i = r0; i < r1; i++) {
             const double *s = t->shift;
             if (t->w) {
-                const double wi = t->w[i];
+                const double wi = usable(t->w[i]);
                 if (t->is_f64) {
                     const double *row = (const double *)t->x + i * d;
                     for (int64_t j = 0; j < d; j++) {
@@ -153,7 +156,7 @@ static void sums_exact(const void *x, int is_f64, int64_t n, int64_t d, const do
             row[j] = value_at(x, is_f64, i * d + j) - shift[j];
             row_sq += row[j] * row[j];
         }
-        const double wi = w ? w[i] : 1.0;
+        const double wi = w ? usable(w[i]) : 1.0;
         if (!isfinite(row_sq)) {
             if (wi > 0) (*nonfinite)++;
             continue;
@@ -250,8 +253,9 @@ static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const d
             double ws = 0.0;
             int64_t cnt = 0;
             for (int64_t i = 0; i < n; i++) {
-                ws += w[i];
-                cnt += w[i] > 0;
+                const double wi = usable(w[i]);
+                ws += wi;
+                cnt += wi > 0;
             }
             *weight = ws;
             *count = cnt;
@@ -282,7 +286,7 @@ static void batch_shift(const void *x, int is_f64, int64_t n, int64_t d, const d
             double v = value_at(x, is_f64, i * d + j);
             row_sq += v * v;
         }
-        double wi = isfinite(row_sq) ? (w ? w[i] : 1.0) : 0.0;
+        double wi = isfinite(row_sq) ? (w ? usable(w[i]) : 1.0) : 0.0;
         if (wi == 0.0) continue;
         for (int64_t j = 0; j < d; j++) shift[j] += wi * value_at(x, is_f64, i * d + j);
         total += wi;

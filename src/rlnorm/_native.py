@@ -97,34 +97,37 @@ _STATE_DTYPES = (torch.float64,) * 4 + (torch.int64,) * 2
 def _state_pointers(rms: RunningMeanStd) -> tuple[int, ...] | None:
     """Addresses of ``rms``'s buffers if the kernels may write them, else ``None``.
 
-    They must be contiguous CPU float64 (the counts int64) and not inference tensors. The
-    answer is cached on the module and reused while the buffers are the same objects at the
-    same addresses: ``.to()`` replaces them, ``load_state_dict`` copies into them.
+    They must be contiguous CPU float64 (the counts int64), of the sizes the kernel writes
+    (``numel`` features, or one value), and not inference tensors. The answer is cached on the
+    module and reused while the buffers are the same objects at the same addresses and sizes:
+    ``.to()`` replaces them, ``load_state_dict`` copies into them.
     """
     buffers = rms._buffers
     cached = rms._native_state
     if cached is not None:
-        tensors, pointers = cached
-        for name, t, p in zip(_STATE, tensors, pointers):  # noqa: B905 (hot path)
+        tensors, pointers, sizes = cached
+        for name, t, p, n in zip(_STATE, tensors, pointers, sizes):  # noqa: B905 (hot path)
             b = buffers[name]
-            if b is not t or b.data_ptr() != p:  # type: ignore[union-attr]
+            if b is not t or b.data_ptr() != p or b.numel() != n:  # type: ignore[union-attr]
                 break
         else:
             return pointers
     state = tuple(buffers[name] for name in _STATE)
+    sizes = (rms.numel,) * 3 + (1, 1, 1)
     ok = all(
         t is not None
         and t.is_cpu
         and t.dtype == dtype
+        and t.numel() == size
         and t.is_contiguous()
         and not t.is_inference()
-        for t, dtype in zip(state, _STATE_DTYPES, strict=True)
+        for t, dtype, size in zip(state, _STATE_DTYPES, sizes, strict=True)
     )
     if not ok:
         rms._native_state = None
         return None
     pointers = tuple(t.data_ptr() for t in state)  # type: ignore[union-attr]
-    rms._native_state = (state, pointers)
+    rms._native_state = (state, pointers, sizes)  # type: ignore[assignment]
     return pointers
 
 
@@ -202,18 +205,16 @@ def _is_cpu_f64(t: Tensor) -> bool:
 
 def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSums | None:
     """Native :func:`rlnorm.moments.shifted_sums` of a 2-D batch, or ``None`` if ineligible."""
+    n, d = x.shape
     if (
         not eligible(x)
-        or shift.device.type != "cpu"
-        or shift.dtype != torch.float64
-        or (
-            weights is not None and (weights.device.type != "cpu" or weights.dtype != torch.float64)
-        )
+        or not _is_cpu_f64(shift)
+        or tuple(shift.shape) != (d,)
+        or (weights is not None and (not _is_cpu_f64(weights) or tuple(weights.shape) != (n,)))
     ):
-        return None
+        return None  # the torch code broadcasts or raises as it always did
     shift = shift.contiguous()
     weights = None if weights is None else weights.contiguous()
-    n, d = x.shape
     sums = torch.empty((2, d), dtype=torch.float64)
     weight, count, nonfinite = _kernels.shifted_sums(  # type: ignore[union-attr]
         x.data_ptr(),

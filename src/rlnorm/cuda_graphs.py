@@ -97,6 +97,8 @@ class GraphedCalls:
         self._warmed: set[Hashable] = set()
         self._stream: torch.cuda.Stream | None = None
         self._failed = False
+        # Identity and address of the state tensors the graphs were captured with.
+        self._state: tuple[tuple[int, int], ...] = ()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphedCalls:
         return GraphedCalls(self.name)  # graphs belong to the original's buffers
@@ -119,6 +121,7 @@ class GraphedCalls:
         fn: Callable[..., Any],
         inputs: Sequence[Tensor | None],
         copy_out: Callable[[Any], Any],
+        state: Sequence[Tensor] = (),
     ) -> Any:
         """``fn(*inputs)``, from a graph when one is (or can now be) captured for ``key``.
 
@@ -127,11 +130,18 @@ class GraphedCalls:
             fn: the eager function; it must only read ``inputs`` and the module's buffers.
             inputs: CUDA tensors (or ``None``) passed to ``fn``.
             copy_out: turns the graph's static outputs into fresh tensors for the caller.
+            state: the module tensors ``fn`` reads or writes in place (its buffers). Graphs
+                hold their addresses, so if any was replaced since the capture, every graph
+                is dropped and captured afresh.
 
         Returns:
             What ``fn`` returns: its own outputs when it ran eagerly, ``copy_out`` of the
             graph's outputs when replayed.
         """
+        addresses = tuple((id(t), t.data_ptr()) for t in state)
+        if addresses != self._state:
+            self.clear()
+            self._state = addresses
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "residual",
     "shifted_sums",
     "two_sum",
+    "usable_weights",
 ]
 
 #: Elements per chunk of the batch converted to float64 at a time on the CPU. Small enough to
@@ -113,6 +115,15 @@ def empty_moments(shape: tuple[int, ...], device: torch.device | str | None = No
     )
 
 
+def usable_weights(weights: Tensor) -> Tensor:
+    """Row weights as the sums use them: negative, NaN and infinite weights count as 0.
+
+    Checking them instead would need a host synchronisation; a weight that cannot be a weight
+    leaves its row out, like a mask of ``False``, and can never poison the statistics.
+    """
+    return torch.where((weights > 0) & (weights < math.inf), weights, 0.0)
+
+
 def batch_shift(x: Tensor, weights: Tensor | None, rows: int = SHIFT_ROWS) -> Tensor:
     """A float64 point close to the data of a 2-D batch: the weighted mean of its first rows.
 
@@ -134,7 +145,7 @@ def batch_shift(x: Tensor, weights: Tensor | None, rows: int = SHIFT_ROWS) -> Te
     # overflow would drag the shift so far that every other row overflowed around it.
     ok = torch.isfinite((head * head).sum(dim=1)).to(torch.float64)
     if weights is not None:
-        ok = ok * weights[:rows]
+        ok = ok * usable_weights(weights[:rows])
     head = torch.nan_to_num(head, nan=0.0, posinf=0.0, neginf=0.0)
     return (ok @ head) / ok.sum().clamp_min(torch.finfo(torch.float64).tiny)
 
@@ -148,13 +159,17 @@ def shifted_sums(
     """Weighted shifted sums of a 2-D batch, streamed in float64 chunks.
 
     A row is left out (and counted in ``nonfinite`` when its weight is non-zero) if any of
-    its values is NaN or Inf, or so large that its square overflows float64. The batch is
+    its values is NaN or Inf, or so large that its square overflows float64. (A row whose sum of
+    squares lands within rounding of float64's largest value, near 1e154 per value, may be
+    judged either way depending on the summation order, which differs between the native CPU
+    kernel and torch; the statistics stay finite either way.) The batch is
     converted to float64 one chunk at a time, so the scratch memory does not grow with the
     batch.
 
     Args:
         x: batch of shape ``(N, D)``, any real dtype.
-        weights: optional non-negative float64 row weights of shape ``(N,)``; ``None`` means 1.
+        weights: optional float64 row weights of shape ``(N,)``; ``None`` means 1. Negative,
+            NaN and infinite weights count as 0 (see :func:`usable_weights`).
         shift: float64 tensor of shape ``(D,)`` to sum around.
         chunk_elements: elements converted at a time; defaults by device. Left ``None``,
             eager float32/float64 CPU batches take the fused native kernel when it is built.
@@ -188,7 +203,7 @@ def shifted_sums(
         finite = torch.isfinite(squared.sum(dim=1))
         w = finite.to(torch.float64)
         if weights is not None:
-            chunk_weights = weights[start : start + chunk_rows]
+            chunk_weights = usable_weights(weights[start : start + chunk_rows])
             w = w * chunk_weights
             present = chunk_weights > 0
         else:

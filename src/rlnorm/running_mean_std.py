@@ -173,7 +173,8 @@ class RunningMeanStd(nn.Module):
         # Shift agreed across ranks before the first synchronised update (see `_shift`).
         self._agreed_shift: Tensor | None = None
         # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
-        self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...]] | None = None
+        self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...], tuple[int, ...]] | None
+        self._native_state = None
         self._affine_cache: tuple[tuple, Affine, tuple[int, int, int, float, int]] | None = None
         # CUDA graphs of eager CUDA calls, per input signature (see `rlnorm.cuda_graphs`).
         self._update_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.update")
@@ -236,13 +237,23 @@ class RunningMeanStd(nn.Module):
             parts = (m.weight.view(1), m.mean.view(-1), m.var.view(-1), residual(m).view(-1))
             return torch.cat(parts), m.count
 
-        key = (tuple(flat.shape), flat.dtype, weights is None, self.momentum, self.var_floor)
-        packed, count = self._update_graphs(
-            (*key, self.until),
-            packed_update,
-            (flat, weights),
-            lambda out: (out[0].clone(), out[1].clone()),
+        key = (
+            tuple(flat.shape),
+            flat.dtype,
+            weights is None,
+            self.momentum,
+            self.var_floor,
+            self.until,
+            torch.is_inference_mode_enabled(),
         )
+        with torch.no_grad():  # copies into the graph's inputs must not record autograd history
+            packed, count = self._update_graphs(
+                key,
+                packed_update,
+                (flat, weights),
+                lambda out: (out[0].clone(), out[1].clone()),
+                self._buffer_list(),
+            )
         return Moments(
             packed[0],
             count,
@@ -373,14 +384,27 @@ class RunningMeanStd(nn.Module):
         if native is not None:
             return native if return_clipped else native[0]
         if cuda_graphs.eligible(x):
-            key = (tuple(x.shape), x.dtype, self.clip, self.epsilon, self.center, return_clipped)
+            key = (
+                tuple(x.shape),
+                x.dtype,
+                self.clip,
+                self.epsilon,
+                self.center,
+                return_clipped,
+                torch.is_inference_mode_enabled(),
+            )
             return self._normalize_graphs(
                 key,
                 lambda x: self._normalize_torch(x, return_clipped),
                 (x,),
                 lambda out: tuple(t.clone() for t in out) if return_clipped else out.clone(),
+                self._buffer_list(),
             )
         return self._normalize_torch(x, return_clipped)
+
+    def _buffer_list(self) -> tuple[Tensor, ...]:
+        """The statistics buffers, which captured CUDA graphs read and write by address."""
+        return tuple(self._buffers.values())  # type: ignore[arg-type]
 
     def _normalize_torch(
         self, x: Tensor, return_clipped: bool = False
@@ -556,12 +580,24 @@ class RunningMeanStd(nn.Module):
             return out if out.dtype == t.dtype else t.to(device=out.device)
 
         # The buffers are replaced: drop what was derived from them.
-        self._affine_cache = None
         self._agreed_shift = None
+        self._drop_derived()
+        return super()._apply(move_only, recurse)
+
+    def _drop_derived(self) -> None:
+        """Forget caches that hold buffer addresses (normalize's affine, kernels, graphs)."""
+        self._affine_cache = None
         self._native_state = None
         self._update_graphs.clear()
         self._normalize_graphs.clear()
-        return super()._apply(move_only, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and deep copies leave out caches that hold buffer addresses."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_affine_cache"] = None
+        state["_native_state"] = None
+        return state
 
     def _load_from_state_dict(
         self,
@@ -602,6 +638,8 @@ class RunningMeanStd(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._agreed_shift = None
+        # `load_state_dict(assign=True)` replaces the buffers: forget what pointed at the old ones.
+        self._drop_derived()
 
     def extra_repr(self) -> str:  # noqa: D102
         parts = [f"shape={self.shape}"]
