@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -89,6 +90,33 @@ def reference_moments(
     centered = rows - mean
     var = (w @ (centered * centered)) / total
     return mean.reshape(feature_shape), var.reshape(feature_shape), total, count
+
+
+def reference_returns(
+    rewards: list[list[float]], dones: list[list[bool]], gamma: float, start: list[float]
+) -> tuple[list[float], list[float], int]:
+    """The documented recursion in plain Python.
+
+    ``ret = ret * gamma + r``, the new return is fed to the statistics, and after a step with
+    ``done`` the environment's return restarts at 0. A non-finite reward leaves its
+    environment's return unchanged and feeds nothing (it is counted instead).
+
+    Returns:
+        ``(final returns, values fed to the statistics in order, non-finite count)``.
+    """
+    ret = list(start)
+    fed: list[float] = []
+    bad = 0
+    for step_rewards, step_dones in zip(rewards, dones, strict=True):
+        for env, (r, done) in enumerate(zip(step_rewards, step_dones, strict=True)):
+            if math.isfinite(r):
+                ret[env] = ret[env] * gamma + r
+                fed.append(ret[env])
+            else:
+                bad += 1
+            if done:
+                ret[env] = 0.0
+    return ret, fed, bad
 
 
 def reference_ema(

@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader
 
 import rlnorm
 from agents import QUIET_LIGHTNING, make_trainer
-from conftest import assert_close, assert_state_equal, init_gloo, reference_moments, state_of
+from conftest import (
+    assert_close,
+    assert_state_equal,
+    init_gloo,
+    reference_moments,
+    reference_returns,
+    state_of,
+)
 from rlnorm import RewardNormalizer, RunningMeanStd
 
 pytestmark = pytest.mark.filterwarnings(*QUIET_LIGHTNING)
@@ -149,23 +156,13 @@ def reward_storm(steps: int, envs: int, seed: int) -> tuple[Tensor, Tensor]:
     return rewards, dones
 
 
-def reference_returns(
+def rollout_returns(
     rollouts: list[tuple[Tensor, Tensor]], envs: int, gamma: float
 ) -> tuple[list[float], list[float], int]:
     """Returns fed to the statistics (finite rewards only), the final returns, skipped count."""
-    ret = [0.0] * envs
-    fed: list[float] = []
-    skipped = 0
-    for rewards, dones in rollouts:
-        for r_t, d_t in zip(rewards.tolist(), dones.tolist(), strict=True):
-            for env, (r, d) in enumerate(zip(r_t, d_t, strict=True)):
-                if math.isfinite(r):
-                    ret[env] = ret[env] * gamma + r
-                    fed.append(ret[env])
-                else:
-                    skipped += 1
-                if d:
-                    ret[env] = 0.0
+    rewards = [row for r, _ in rollouts for row in r.tolist()]
+    dones = [row for _, d in rollouts for row in d.tolist()]
+    ret, fed, skipped = reference_returns(rewards, dones, gamma, [0.0] * envs)
     return fed, ret, skipped
 
 
@@ -176,7 +173,7 @@ def test_reward_storms_skip_the_bad_rewards_keep_their_returns_and_count_them(mo
     rollouts = [reward_storm(6, envs, seed) for seed in range(3)]
     for rewards, dones in rollouts:
         norm.update(rewards, dones)
-    fed, returns, skipped = reference_returns(rollouts, envs, gamma)
+    fed, returns, skipped = rollout_returns(rollouts, envs, gamma)
     if mode == "reward":
         fed = [r for rewards, _ in rollouts for r in rewards.reshape(-1).tolist()]
         fed = [r for r in fed if math.isfinite(r)]
@@ -283,7 +280,7 @@ def test_callback_in_a_fit_skips_counts_and_logs_nonfinite_rows(tmp_path: Path) 
 
     reward = callback.normalizers.reward
     assert reward is not None
-    fed, returns, reward_skipped = reference_returns(agent.fed_rewards, agent.envs, 0.9)
+    fed, returns, reward_skipped = rollout_returns(agent.fed_rewards, agent.envs, 0.9)
     assert_close(reward.returns, returns, rtol=1e-14)
     assert int(reward.stats.nonfinite_count) == reward_skipped
     ref_mean, ref_var, _, _ = reference_moments(torch.tensor(fed, dtype=F64).reshape(-1, 1))
@@ -395,7 +392,7 @@ def test_reward_storms_on_gloo_ranks_share_statistics_and_raise_together(
     skipped = 0
     for rank, result in enumerate(ranks):
         rollouts = [reward_storm(6, 3, 10 * rank + seed) for seed in range(2)]
-        rank_fed, returns, rank_skipped = reference_returns(rollouts, 3, 0.9)
+        rank_fed, returns, rank_skipped = rollout_returns(rollouts, 3, 0.9)
         assert_close(result["reward"]["returns"], returns, rtol=1e-14)
         fed += rank_fed
         skipped += rank_skipped

@@ -11,40 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close, assert_state_equal, state_of
+from conftest import assert_close, assert_state_equal, reference_returns, state_of
 from rlnorm import RewardNormalizer
 
 # Every test runs on the native CPU kernels and on the torch code path.
 pytestmark = pytest.mark.usefixtures("backend")
 
 F64 = torch.float64
-
-
-def reference_returns(
-    rewards: list[list[float]], dones: list[list[bool]], gamma: float, start: list[float]
-) -> tuple[list[float], list[float], int]:
-    """The documented recursion in plain Python.
-
-    ``ret = ret * gamma + r``, the new return is fed to the statistics, and after a step with
-    ``done`` the environment's return restarts at 0. A non-finite reward leaves its
-    environment's return unchanged and feeds nothing (it is counted instead).
-
-    Returns:
-        ``(final returns, values fed to the statistics in order, non-finite count)``.
-    """
-    ret = list(start)
-    fed: list[float] = []
-    bad = 0
-    for step_rewards, step_dones in zip(rewards, dones, strict=True):
-        for env, (r, done) in enumerate(zip(step_rewards, step_dones, strict=True)):
-            if math.isfinite(r):
-                ret[env] = ret[env] * gamma + r
-                fed.append(ret[env])
-            else:
-                bad += 1
-            if done:
-                ret[env] = 0.0
-    return ret, fed, bad
 
 
 def rollout(seed: int, steps: int, envs: int, done_prob: float = 0.2):
