@@ -205,7 +205,8 @@ class RunningMeanStd(nn.Module):
         Args:
             x: tensor of shape ``(*batch, *shape)`` with any number of leading batch dims.
             mask: optional tensor of shape ``batch``: bool to keep rows, or non-negative float
-                weights. Rows with mask ``False`` or weight 0 are left out.
+                weights. Rows with mask ``False`` or weight 0 are left out; negative, NaN and
+                infinite weights count as 0 (checking them would need a host sync).
 
         Returns:
             The batch's own moments (after the distributed reduction, if any), which callers
