@@ -20,7 +20,7 @@ from rlnorm._version import __version__
 from rlnorm.distributed import is_distributed
 from rlnorm.drift import IntervalMetrics, batch_shift, drift, per_dim_drift, summary
 from rlnorm.moments import Moments
-from rlnorm.normalizers import TENSOR_KEY, NormalizerConfig, Normalizers, Observation, Shape
+from rlnorm.normalizers import NormalizerConfig, Normalizers, Observation, Shape
 from rlnorm.telemetry import DriftHeatmap, tensorboard_writers
 
 __all__ = ["SCHEMA_VERSION", "NormalizerCallback", "get_normalizer"]
@@ -270,11 +270,6 @@ class NormalizerCallback(Callback):
         if self.config.clip is None or not self.updates_enabled:
             return norms.normalize_obs(obs)
         # In the training loop the clip fraction is logged; the counts come with the output.
-        if type(obs) is Tensor and norms.dict_obs is False:
-            # Most agents' per-step call: straight to the one normalizer (shapes known).
-            y, clipped = norms.obs[TENSOR_KEY].normalize(obs, return_clipped=True)
-            self._metrics("obs").add_clipped(clipped, y.numel())
-            return y
         out, counts = norms.normalize_obs_counting_clipped(obs)
         for key, (clipped, values) in counts.items():
             self._metrics(norms.obs_tag(key)).add_clipped(clipped, values)

@@ -420,6 +420,8 @@ class Normalizers(nn.Module):
         return self._device
 
     def _tensor(self, obs: Observation) -> Tensor:
+        if type(obs) is Tensor:  # the per-step common case, before the costlier checks
+            return obs
         if isinstance(obs, Mapping):
             raise TypeError(
                 f"`obs` is a dict (keys {sorted(obs)}) but these normalizers were built for "
