@@ -162,9 +162,9 @@ CASES += [
     ctor(Normalizers, "config", {"obs_shape": 3}, TypeError),
     ctor(Normalizers, "device", 7, TypeError, config=NormalizerConfig()),
     # RunningMeanStd methods
-    method("update(x=list)", lambda: rms(2).update([[1.0, 2.0]]), TypeError, "x", [[1.0, 2.0]]),
+    method("update(x=str)", lambda: rms(2).update("obs"), TypeError, "x", "str 'obs'"),
     method("update(x=None)", lambda: rms(2).update(None), TypeError, "x", None),
-    method("update(x=3.0)", lambda: rms(2).update(3.0), TypeError, "x", 3.0),
+    method("update(x=3.0)", lambda: rms(2).update(3.0), ValueError, "x", "got ()"),
     method(
         "update(x wrong shape)", lambda: rms(2).update(torch.zeros(4, 3)), ValueError, "x", "(4, 3)"
     ),
@@ -190,11 +190,11 @@ CASES += [
         "(3,)",
     ),
     method(
-        "update(mask=list)",
-        lambda: rms(2).update(torch.zeros(2, 2), [True, False]),
+        "update(mask=str)",
+        lambda: rms(2).update(torch.zeros(2, 2), "all"),
         TypeError,
         "mask",
-        [True, False],
+        "str 'all'",
     ),
     method(
         "normalize(x wrong shape)",
@@ -204,9 +204,9 @@ CASES += [
         "(2, 5)",
     ),
     method(
-        "normalize(x=np-like)", lambda: rms(2).normalize((1.0, 2.0)), TypeError, "x", (1.0, 2.0)
+        "normalize(x=dict)", lambda: rms(2).normalize({"a": 1.0}), TypeError, "x", "dict {'a': 1.0}"
     ),
-    method("denormalize(y=1)", lambda: rms(2).denormalize(1), TypeError, "y", 1),
+    method("denormalize(y=1)", lambda: rms(2).denormalize(1), ValueError, "y", "got ()"),
     method(
         "denormalize(y wrong shape)",
         lambda: rms(2).denormalize(torch.zeros(3)),
@@ -239,11 +239,11 @@ CASES += [
         "(2,)",
     ),
     method(
-        "reward.update(rewards=list)",
-        lambda: reward(2).update([1.0, 2.0], torch.zeros(2, dtype=torch.bool)),
+        "reward.update(rewards=str)",
+        lambda: reward(2).update("high", torch.zeros(2, dtype=torch.bool)),
         TypeError,
         "rewards",
-        [1.0, 2.0],
+        "str 'high'",
     ),
     method(
         "reward.update(dones=None)",
@@ -260,7 +260,11 @@ CASES += [
         "meta",
     ),
     method(
-        "reward.normalize(rewards=1.0)", lambda: reward(2).normalize(1.0), TypeError, "rewards", 1.0
+        "reward.normalize(rewards=str)",
+        lambda: reward(2).normalize("1.0"),
+        TypeError,
+        "rewards",
+        "str '1.0'",
     ),
     method(
         "reward.reset_returns(env_mask wrong shape)",
@@ -270,19 +274,19 @@ CASES += [
         "(3,)",
     ),
     method(
-        "reward.reset_returns(env_mask=list)",
-        lambda: reward(2).reset_returns([True, False]),
+        "reward.reset_returns(env_mask=str)",
+        lambda: reward(2).reset_returns("all"),
         TypeError,
         "env_mask",
-        [True, False],
+        "str 'all'",
     ),
     # Normalizers methods
     method(
-        "update_obs(obs=list)",
-        lambda: norms().update_obs([1.0, 2.0, 3.0]),
+        "update_obs(obs=str)",
+        lambda: norms().update_obs("obs"),
         TypeError,
         "obs",
-        [1.0, 2.0, 3.0],
+        "str 'obs'",
     ),
     method(
         "update_obs(obs wrong shape)",
@@ -306,11 +310,11 @@ CASES += [
         "(5,)",
     ),
     method(
-        "normalize_rewards(rewards=list)",
-        lambda: Normalizers(NormalizerConfig(reward=True)).normalize_rewards([1.0], [False]),
-        ValueError,
+        "normalize_rewards(rewards=str)",
+        lambda: Normalizers(NormalizerConfig(reward=True)).normalize_rewards("1", [False]),
+        TypeError,
         "rewards",
-        "list",
+        "str '1'",
     ),
     # load_normalizers
     method(

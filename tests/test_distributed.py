@@ -116,6 +116,45 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["strict_raised"] = True
         results["strict"] = strict.state_dict()
 
+        # Moves, loads and resets on one rank only: the collectives of later updates must still
+        # pair up (before, such a rank alone agreed a shift again: a collective mismatch).
+        results["one_rank_acts"] = {}
+        for action in ("cpu", "to", "load", "reset"):
+            norm = RunningMeanStd(2)
+            x, mask = rms_batches(rank)[1]
+            norm.update(x, mask=mask)
+            if rank == 0:
+                if action == "cpu":
+                    norm.cpu()
+                elif action == "to":
+                    norm.to("cpu", dtype=torch.float16)
+                elif action == "load":
+                    norm.load_state_dict(norm.state_dict())
+                else:
+                    norm.reset()
+            for x, mask in rms_batches(rank)[3:]:
+                norm.update(x, mask=mask)
+            results["one_rank_acts"][action] = norm.state_dict()
+
+        # Dict observations whose ranks list the keys in different orders (and normalizers built
+        # from configs listing them in different orders) reduce each key with its own key.
+        from rlnorm import NormalizerConfig, Normalizers
+
+        inferred = Normalizers(NormalizerConfig())
+        shapes = {"zero": 2, "hundred": 2} if rank == 0 else {"hundred": 2, "zero": 2}
+        configured = Normalizers(NormalizerConfig(obs_shape=shapes))
+        gen = torch.Generator().manual_seed(rank)
+        zero = torch.randn(8 + rank, 2, generator=gen, dtype=F64)
+        hundred = 100.0 + torch.randn(8 + rank, 2, generator=gen, dtype=F64)
+        obs = (
+            {"zero": zero, "hundred": hundred} if rank == 0 else {"hundred": hundred, "zero": zero}
+        )
+        for norms in (inferred, configured):
+            for _ in range(2):
+                norms.update_obs(obs)
+        results["dict_inferred"] = inferred.state_dict()
+        results["dict_configured"] = configured.state_dict()
+
         # The primitives: an agreed shift is identical everywhere, sums add up over ranks.
         xs = torch.full((3, 2), float(rank + 1), dtype=F64)
         shift = agree_shift(batch_shift(xs, None), torch.tensor(3.0, dtype=F64))
@@ -250,3 +289,29 @@ def test_without_init_process_group_nothing_is_distributed_and_reduce_is_a_no_op
     sums = shifted_sums(x, None, shift)
     assert all_reduce_sums(sums) is sums
     assert agree_shift(shift, torch.tensor(5.0, dtype=F64)) is shift
+
+
+@pytest.mark.parametrize("action", ["cpu", "to", "load", "reset"])
+def test_a_move_load_or_reset_on_one_rank_keeps_the_collectives_paired(
+    ranks: list[dict], action: str
+) -> None:
+    # The worker ran updates on both ranks after the action; getting here means no collective
+    # mismatch. A no-op on one rank leaves the ranks bitwise identical.
+    states = [r["one_rank_acts"][action] for r in ranks]
+    if action == "reset":  # one rank forgot its statistics: its user made the ranks differ
+        assert int(states[0]["count"]) < int(states[1]["count"])
+        return
+    assert_bitwise_equal_states(states[0], states[1])
+
+
+@pytest.mark.parametrize("built", ["dict_inferred", "dict_configured"])
+def test_dict_keys_listed_in_different_orders_reduce_each_key_with_itself(
+    ranks: list[dict], built: str
+) -> None:
+    assert_bitwise_equal_states(ranks[0][built], ranks[1][built])
+    state = ranks[0][built]
+    keys = list(dict.fromkeys(name.split(".")[1] for name in state))
+    assert keys == ["hundred", "zero"]  # the normalizers are kept in sorted key order
+    assert_close(state["obs.zero.mean"].abs().max(), 0.0, rtol=0, atol=0.6)
+    assert_close(state["obs.hundred.mean"], [100.0, 100.0], rtol=0, atol=0.6)
+    assert int(state["obs.zero.count"]) == int(state["obs.hundred.count"]) == 2 * (8 + 9)

@@ -245,8 +245,9 @@ def test_reward_mode_nonfinite_rewards_are_skipped_and_counted() -> None:
         (torch.zeros(()), torch.zeros((), dtype=torch.bool), "rewards"),
         (torch.zeros(5, 3), torch.zeros(5, dtype=torch.bool), "dones"),
         (torch.zeros(3), torch.zeros(4, 3, dtype=torch.bool), "dones"),
-        ([0.0, 0.0, 0.0], torch.zeros(3, dtype=torch.bool), "rewards"),
-        (torch.zeros(3), [False] * 3, "dones"),
+        ("0.0", torch.zeros(3, dtype=torch.bool), "rewards"),
+        (torch.zeros(3), None, "dones"),
+        (np.zeros(4), np.zeros(4, dtype=bool), "rewards"),
     ],
 )
 def test_update_shape_and_type_errors_name_the_argument(rewards, dones, name: str) -> None:
@@ -259,7 +260,7 @@ def test_update_shape_and_type_errors_name_the_argument(rewards, dones, name: st
 
 def test_normalize_shape_error_names_the_argument() -> None:
     with pytest.raises((ValueError, TypeError), match=r"`x`|`rewards`"):
-        RewardNormalizer(3).normalize([1.0, 2.0])
+        RewardNormalizer(3).normalize("1.0")
 
 
 @pytest.mark.parametrize(
@@ -300,7 +301,7 @@ def test_reset_returns_mask_errors_name_env_mask() -> None:
     with pytest.raises(ValueError, match="`env_mask`"):
         norm.reset_returns(torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="`env_mask`"):
-        norm.reset_returns([True, False, True])
+        norm.reset_returns("all")
 
 
 def test_reset_forgets_statistics_and_returns() -> None:
@@ -336,3 +337,39 @@ def test_prior_weight_reaches_the_return_statistics_and_scales_before_any_update
     assert out.tolist() == pytest.approx([1.0 / (1 + 1e-8) ** 0.5, 2.0], rel=1e-15)
     norm.reset()
     assert float(norm.stats.weight_sum) == 1e-4
+
+
+def test_reward_updates_from_two_threads_lose_no_steps() -> None:
+    import threading
+
+    norm = RewardNormalizer(4, gamma=0.9)
+    rewards, dones = torch.ones(64, 4, dtype=torch.float64), torch.zeros(64, 4, dtype=torch.bool)
+    start = threading.Barrier(2)
+
+    def feed() -> None:
+        start.wait()
+        for _ in range(100):
+            norm.update(rewards, dones)
+
+    threads = [threading.Thread(target=feed) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert int(norm.count) == 2 * 100 * 64 * 4
+    # Each rollout advanced the returns whole: 12,800 steps of reward 1 at gamma 0.9.
+    assert_close(norm.returns, torch.full((4,), 10.0, dtype=torch.float64), rtol=1e-12)
+
+
+def test_numpy_rewards_and_dones_work_like_tensors() -> None:
+    rewards = np.array([[1.0, 0.5], [2.0, -1.0]])
+    dones = np.array([[False, True], [False, False]])
+    from_numpy, from_tensor = RewardNormalizer(2), RewardNormalizer(2)
+    from_numpy.update(rewards, dones)
+    from_tensor.update(torch.as_tensor(rewards), torch.as_tensor(dones))
+    assert_state_equal(state_of(from_numpy), state_of(from_tensor))
+    scaled = from_numpy.normalize(np.array([1.0, 2.0]))
+    assert isinstance(scaled, torch.Tensor)
+    assert torch.equal(scaled, from_tensor.normalize(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+    from_numpy.reset_returns(np.array([True, False]))
+    assert from_numpy.returns[0] == 0.0

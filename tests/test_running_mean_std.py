@@ -165,20 +165,38 @@ def test_wrong_mask_shape_error_names_mask_and_both_shapes() -> None:
         rms.update(torch.zeros(4, 5, 2), mask=torch.ones(5, 4, dtype=torch.bool))
     assert "(4, 5)" in str(err.value)
     assert "(5, 4)" in str(err.value)
-    with pytest.raises(TypeError, match="`mask`"):
-        rms.update(torch.zeros(4, 2), mask=[True] * 4)
+    with pytest.raises(TypeError, match=r"`mask` must be a torch.Tensor, a NumPy array.*got str"):
+        rms.update(torch.zeros(4, 2), mask="all")
 
 
-def test_non_tensor_or_complex_input_error_names_the_argument() -> None:
+def test_non_numeric_or_complex_input_error_names_the_argument_and_its_type() -> None:
     rms = RunningMeanStd(2)
-    with pytest.raises(TypeError, match="`x`"):
-        rms.update([[1.0, 2.0]])
-    with pytest.raises(TypeError, match="`x`"):
-        rms.update(np.zeros((3, 2)))
-    with pytest.raises(TypeError, match="`x`"):
+    with pytest.raises(TypeError, match=r"`x` must be a torch.Tensor, a NumPy array.*got str"):
+        rms.update("obs")
+    with pytest.raises(TypeError, match=r"`x`.*got dict"):
+        rms.update({"a": np.zeros((3, 2))})
+    with pytest.raises(TypeError, match=r"`x`"):
         rms.normalize(torch.zeros(3, 2, dtype=torch.complex64))
-    with pytest.raises(TypeError, match="`y`"):
-        rms.denormalize(1.0)
+    with pytest.raises(TypeError, match=r"`y`.*got object"):
+        rms.denormalize(object())
+
+
+def test_numpy_arrays_and_lists_give_the_statistics_and_outputs_of_tensors() -> None:
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(64, 2))
+    from_numpy, from_tensor = RunningMeanStd(2), RunningMeanStd(2)
+    from_numpy.update(data, mask=np.arange(64) % 3 != 0)
+    from_tensor.update(torch.as_tensor(data), mask=torch.arange(64) % 3 != 0)
+    assert_state_equal(state_of(from_numpy), state_of(from_tensor))
+    out = from_numpy.normalize(data[:4])
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == torch.float64  # NumPy's float64 stays float64
+    assert torch.equal(out, from_tensor.normalize(torch.as_tensor(data[:4])))
+    assert torch.equal(
+        from_numpy.normalize([[3.0, 3.0]]), from_tensor.normalize(torch.tensor([[3.0, 3.0]]))
+    )
+    single = from_numpy.normalize(np.float32(3.0) * np.ones(2, dtype=np.float32))
+    assert single.dtype == torch.float32
+    assert single.shape == (2,)
 
 
 def test_failed_update_changes_nothing() -> None:
@@ -1178,3 +1196,108 @@ def test_bad_prior_weight_error_names_the_argument_and_value(kwargs: dict, match
 def test_prior_weight_must_be_a_number() -> None:
     with pytest.raises(TypeError, match=r"`prior_weight` must be a number, got '1e-4'"):
         RunningMeanStd(2, prior_weight="1e-4")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- threads
+
+
+# 16 x 8 values keep the GIL on the native path; 16384 x 8 release it (see `_native`).
+@pytest.mark.parametrize("rows", [16, 16384], ids=["small", "threaded-kernel"])
+def test_updates_from_two_threads_lose_no_rows(rows: int) -> None:
+    import threading
+
+    rms = RunningMeanStd(8)
+    batches = [randn(seed, rows, 8, loc=float(seed % 3)) for seed in range(2)]
+    calls = 150 if rows == 16 else 20
+    start = threading.Barrier(2)
+
+    def feed(batch: torch.Tensor) -> None:
+        start.wait()
+        for _ in range(calls):
+            rms.update(batch)
+
+    threads = [threading.Thread(target=feed, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert int(rms.count) == 2 * calls * rows
+    assert float(rms.weight_sum) == 2 * calls * rows
+    both = torch.cat(batches).to(torch.float64)
+    mean, var, _, _ = reference_moments(both)
+    assert_close(rms.mean, mean, rtol=1e-10, atol=1e-12)
+    assert_close(rms.var, var, rtol=1e-9)
+
+
+def test_normalizer_with_its_lock_survives_pickling_and_deep_copies() -> None:
+    import copy
+    import pickle
+
+    rms = fitted()
+    x = randn(9, 5, 3)
+    for clone in (copy.deepcopy(rms), pickle.loads(pickle.dumps(rms))):
+        assert torch.equal(clone.normalize(x), rms.normalize(x))
+        clone.update(x)  # takes its own, new lock
+        assert int(clone.count) == int(rms.count) + 5
+
+
+# --------------------------------------------------------------------- inference mode
+
+
+def test_built_and_loaded_under_inference_mode_normalizes_and_updates_as_outside() -> None:
+    trained = fitted()
+    x = randn(3, 32, 3, loc=2.0).float()
+    with torch.inference_mode():  # the usual deployment wrapper
+        deployed = RunningMeanStd(3)
+        deployed.load_state_dict(trained.state_dict())
+        out = deployed.normalize(x)
+        deployed.normalize(x)  # the cached affine serves a second call
+    assert torch.equal(out, trained.normalize(x))
+    deployed.update(x)  # still an ordinary, updatable module outside the mode
+    trained.update(x)
+    assert_state_equal(state_of(deployed), state_of(trained))
+    assert torch.equal(deployed.normalize(x), trained.normalize(x))
+
+
+def test_loaded_with_assign_under_inference_mode_keeps_updatable_buffers() -> None:
+    trained = fitted()
+    with torch.inference_mode():
+        state = {k: v.clone() for k, v in trained.state_dict().items()}  # inference tensors
+        deployed = RunningMeanStd(3)
+        deployed.load_state_dict(state, assign=True)
+        out = deployed.normalize(randn(4, 6, 3))
+    assert not any(b.is_inference() for b in deployed.buffers())
+    assert torch.equal(out, trained.normalize(randn(4, 6, 3)))
+    deployed.update(randn(5, 6, 3))
+    assert int(deployed.count) == int(trained.count) + 6
+
+
+@pytest.mark.parametrize("first", ["inference", "train"])
+def test_train_and_inference_mode_calls_alternate_in_either_order(first: str) -> None:
+    rms = fitted()
+    layer = nn.Linear(3, 1)
+    x = randn(6, 16, 3).float()
+    want = fitted().normalize(x)  # the first call on `rms` is made in the mode under test
+    order = ["inference", "train", "inference", "train"]
+    if first == "train":
+        order = order[1:] + order[:1]
+    for mode in order:
+        if mode == "inference":
+            with torch.inference_mode():
+                assert torch.equal(rms.normalize(x), want)
+        else:
+            layer.zero_grad()
+            layer(rms.normalize(x.requires_grad_(False))).sum().backward()
+            x_grad = x.clone().requires_grad_(True)
+            rms.normalize(x_grad).sum().backward()  # the torch path, through autograd
+            assert x_grad.grad is not None
+            assert layer.weight.grad is not None
+
+
+def test_moved_inside_inference_mode_stays_updatable_outside() -> None:
+    rms = fitted()
+    with torch.inference_mode():
+        rms.to("cpu", dtype=torch.float16)
+        rms.cpu()
+    rms.update(randn(2, 4, 3))
+    assert not any(b.is_inference() for b in rms.buffers())

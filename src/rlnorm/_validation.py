@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -108,6 +108,41 @@ def check_device(name: str, value: Any) -> torch.device | None:
         except RuntimeError as err:
             raise ValueError(f"`{name}` is not a valid device: {value!r} ({err}).") from None
     raise TypeError(f"`{name}` must be a str or torch.device, got {value!r}.")
+
+
+def as_tensor(name: str, value: Any, device: torch.device | None = None) -> Tensor:
+    """``value`` as a tensor: tensors pass through, NumPy arrays and Python numbers convert.
+
+    Environments hand out NumPy arrays, NumPy scalars and Python numbers (gymnasium's
+    ``reset``/``step``); they become tensors with ``torch.as_tensor``, which shares memory with
+    a NumPy array on the CPU instead of copying it. Tensors are returned as they are (their
+    device is checked where they are used).
+
+    Args:
+        name: the argument's name, for the error message.
+        value: a tensor, a NumPy array or scalar, a Python number or bool, or a (nested)
+            list or tuple of numbers.
+        device: where a converted value goes (``None``: the CPU).
+
+    Returns:
+        A tensor.
+
+    Raises:
+        TypeError: ``value`` is none of those; the message names the argument and its type.
+    """
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (str, bytes)) or value is None or isinstance(value, Mapping):
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor, a NumPy array or a number, got {show(value)}."
+        )
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor, a NumPy array or a number, got {show(value)} "
+            f"({err})."
+        ) from None
 
 
 def check_tensor(name: str, value: Any, device: torch.device) -> Tensor:

@@ -432,7 +432,7 @@ class NormalizerCallback(Callback):
                 "settings apply from now on.",
                 category=UserWarning,
             )
-        device = self._normalizers._device_now()
+        device = self._normalizers.device
         self._last_logged = {
             tag: _to(Moments(**m), device) for tag, m in state_dict.get("last_logged", {}).items()
         }

@@ -216,18 +216,76 @@ class NormalizerConfig:
         return cls(**values)
 
 
+class ObservationNormalizers(nn.ModuleDict):
+    """The observation normalizers by key; for tensor observations, also the one normalizer.
+
+    Dict observations have one :class:`~rlnorm.RunningMeanStd` per key: ``obs["position"]``.
+    Tensor observations have a single one (under the key ``"obs"``), whose statistics read
+    directly: ``obs.mean``, ``obs.var``, ``obs.std``, ``obs.count``, ``obs.shape``, ...
+    """
+
+    #: Attributes of the single normalizer that read through for tensor observations.
+    STATISTICS = frozenset(
+        {
+            "mean",
+            "var",
+            "std",
+            "count",
+            "weight_sum",
+            "nonfinite_count",
+            "mean_residual",
+            "moments",
+            "shape",
+            "numel",
+            "clip",
+            "epsilon",
+            "momentum",
+            "center",
+            "until",
+            "prior_weight",
+        }
+    )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in ObservationNormalizers.STATISTICS:
+                raise
+        modules = self.__dict__["_modules"]
+        if list(modules) == [TENSOR_KEY]:
+            return getattr(modules[TENSOR_KEY], name)
+        if not modules:
+            raise AttributeError(
+                f"No observation statistics yet, so no `obs.{name}`: the normalizers are created "
+                "from the first observation (or pass `obs_shape`)."
+            )
+        raise AttributeError(
+            f"These normalizers are for dict observations: read `obs[key].{name}` for one of "
+            f"the keys {sorted(modules)}."
+        )
+
+
 class Normalizers(nn.Module):
     """The observation normalizer(s) and the optional reward normalizer of one agent.
 
-    Observations are either plain tensors (one :class:`~rlnorm.RunningMeanStd` under
-    ``obs["obs"]``) or dicts of tensors (one per key). When ``config.obs_shape`` is ``None``
-    the normalizers are created from the first observation seen, or from a loaded state.
+    Observations are either plain tensors (one :class:`~rlnorm.RunningMeanStd`, whose
+    statistics read as ``norms.obs.mean``, ``norms.obs.std``, ``norms.obs.count``) or dicts of
+    tensors (one per key: ``norms.obs["position"].mean``). When ``config.obs_shape`` is
+    ``None`` the normalizers are created from the first observation seen, or from a loaded
+    state. Dict keys are kept in sorted order, so every rank reduces the same key in the same
+    collective whatever order its dicts list them in.
+
+    Observations, rewards and dones may be tensors, NumPy arrays or Python numbers (what
+    gymnasium hands out); outputs are tensors.
 
     ``frozen`` normalizers ignore updates: evaluation and deployment use them as trained.
 
     Args:
         config: the settings.
-        device: where the statistics live.
+        device: where the statistics live; ``None`` follows the buffers once they exist (the
+            first observation's device when shapes are inferred), or the device of the last
+            ``.to(device)``.
 
     Example:
         >>> import torch
@@ -246,20 +304,46 @@ class Normalizers(nn.Module):
             raise TypeError(f"`config` must be a NormalizerConfig, got {check.show(config)}.")
         self.config = config
         self.frozen = False
-        self._device = check.check_device("device", device)
-        self.obs = nn.ModuleDict()
+        # Where statistics are created while none exist; once they do, `device` reads them.
+        self._home_device = check.check_device("device", device)
+        self.obs = ObservationNormalizers()
         self.dict_obs: bool | None = None
         shape = config.obs_shape
         if isinstance(shape, Mapping):
-            self.dict_obs = True
-            for key, key_shape in shape.items():
-                self.obs[key] = config.make_obs(key_shape, self._device)
+            self.ensure_obs_shapes(shape, dict_obs=True)
         elif shape is not None:
-            self.dict_obs = False
-            self.obs[TENSOR_KEY] = config.make_obs(shape, self._device)
+            self.ensure_obs_shapes({TENSOR_KEY: shape}, dict_obs=False)
         self.reward: RewardNormalizer | None = None
         if config.reward and config.num_envs is not None:
-            self.reward = config.make_reward(config.num_envs, self._device)
+            self.ensure_reward(config.num_envs)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the statistics are: their buffers' device, or where they will be created.
+
+        ``None`` until statistics exist or a device is set (by ``device=`` or ``.to()``); the
+        first observation's device is then used.
+        """
+        for tensor in self.buffers():
+            return tensor.device
+        return self._home_device
+
+    def to(self, *args: Any, **kwargs: Any) -> Normalizers:
+        """Move the statistics, as ``nn.Module.to``; also sets where future ones are created."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self._home_device = device
+        return super().to(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Normalizers:
+        # `.cpu()`, `.cuda()`: follow the move even before any statistics exist (as
+        # torchmetrics' `Metric._apply` does), probing `fn` with an integer tensor so that
+        # dtype casts (`.double()`) leave it alone.
+        probe = torch.empty(0, dtype=torch.int64, device=self._home_device)
+        moved = fn(probe)
+        if isinstance(moved, Tensor) and moved.device != probe.device:
+            self._home_device = moved.device
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ observations
 
@@ -278,7 +362,7 @@ class Normalizers(nn.Module):
         Returns:
             The batch moments per key (empty when frozen), for drift telemetry.
         """
-        self._ensure_obs(obs)
+        obs = self._ensure_obs(obs)
         if self.frozen:
             return {}
         return {key: self.obs[key].update(x, mask) for key, x in self._items(obs)}
@@ -293,7 +377,7 @@ class Normalizers(nn.Module):
         Returns:
             The same structure, normalized.
         """
-        self._ensure_obs(obs)
+        obs = self._ensure_obs(obs)
         if not self.dict_obs:
             return self.obs[TENSOR_KEY].normalize(self._tensor(obs))
         return {k: self.obs[k].normalize(v) if k in self.obs else v for k, v in obs.items()}
@@ -306,7 +390,7 @@ class Normalizers(nn.Module):
         The counts are free on the native CPU path (see
         :meth:`RunningMeanStd.normalize`'s ``return_clipped``).
         """
-        self._ensure_obs(obs)
+        obs = self._ensure_obs(obs)
         if not self.dict_obs:
             y, clipped = self.obs[TENSOR_KEY].normalize(self._tensor(obs), return_clipped=True)
             return y, {TENSOR_KEY: (clipped, y.numel())}
@@ -321,7 +405,7 @@ class Normalizers(nn.Module):
 
     def denormalize_obs(self, obs: Observation) -> Observation:
         """Inverse of :meth:`normalize_obs` where values were not clipped."""
-        self._ensure_obs(obs)
+        obs = self._ensure_obs(obs)
         if not self.dict_obs:
             return self.obs[TENSOR_KEY].denormalize(self._tensor(obs))
         return {k: self.obs[k].denormalize(v) if k in self.obs else v for k, v in obs.items()}
@@ -387,11 +471,13 @@ class Normalizers(nn.Module):
         Raises:
             ValueError: existing normalizers have other keys or shapes; the message names both.
         """
-        shapes = {str(k): tuple(v) for k, v in obs_shapes.items()}
+        shapes = {str(k): check.check_shape(f"obs_shape[{k!r}]", v) for k, v in obs_shapes.items()}
         if self.dict_obs is None:
             self.dict_obs = dict_obs
-            for key, shape in shapes.items():
-                self.obs[key] = self.config.make_obs(shape, self._device_now())
+            device = self.device
+            # Sorted: the order of the per-key collectives must not depend on the rank.
+            for key in sorted(shapes):
+                self.obs[key] = self.config.make_obs(shapes[key], device)
         elif self.obs_shapes != shapes or self.dict_obs != dict_obs:
             raise ValueError(
                 f"observation shapes do not match: the state has {shapes}, the normalizers "
@@ -405,7 +491,7 @@ class Normalizers(nn.Module):
             ValueError: the existing reward normalizer has another ``num_envs``.
         """
         if self.reward is None:
-            self.reward = self.config.make_reward(num_envs, self._device_now())
+            self.reward = self.config.make_reward(num_envs, self.device)
         elif self.reward.num_envs != num_envs:
             raise ValueError(
                 f"reward normalizer sizes do not match: the state has num_envs={num_envs}, "
@@ -413,11 +499,6 @@ class Normalizers(nn.Module):
             )
 
     # ------------------------------------------------------------------ internals
-
-    def _device_now(self) -> torch.device | None:
-        for tensor in self.buffers():
-            return tensor.device
-        return self._device
 
     def _tensor(self, obs: Observation) -> Tensor:
         if type(obs) is Tensor:  # the per-step common case, before the costlier checks
@@ -427,11 +508,7 @@ class Normalizers(nn.Module):
                 f"`obs` is a dict (keys {sorted(obs)}) but these normalizers were built for "
                 "tensor observations."
             )
-        if not isinstance(obs, Tensor):
-            raise TypeError(
-                f"`obs` must be a torch.Tensor or a dict of them, got {check.show(obs)}."
-            )
-        return obs
+        return check.as_tensor("obs", obs, self.device)
 
     def _items(self, obs: Observation) -> list[tuple[str, Tensor]]:
         if not self.dict_obs:
@@ -444,21 +521,41 @@ class Normalizers(nn.Module):
         missing = sorted(set(self.obs) - set(obs))
         if missing:
             raise ValueError(f"`obs` lacks the key(s) {missing}; it has {sorted(obs)}.")
+        # `self.obs` is in sorted key order on every rank (see `ensure_obs_shapes`).
         return [(key, obs[key]) for key in self.obs]
 
-    def _ensure_obs(self, obs: Observation) -> None:
-        """Create the observation normalizers from the first observation if shapes are unknown."""
+    def _ensure_obs(self, obs: Observation) -> Observation:
+        """``obs`` with NumPy arrays as tensors; creates the normalizers from it if needed."""
+        if type(obs) is not Tensor:
+            obs = self._as_tensors(obs)
         if self.dict_obs is not None:
-            return
+            return obs
         dims = self.config.obs_feature_dims
         if isinstance(obs, Mapping):
             shapes = {str(k): self._feature_shape(f"obs[{k!r}]", v, dims) for k, v in obs.items()}
-            device = next(iter(obs.values())).device if obs else None
+            first = next(iter(obs.values()), None)
         else:
             shapes = {TENSOR_KEY: self._feature_shape("obs", obs, dims)}
-            device = obs.device
-        self._device = self._device or device
+            first = obs
+        if self.device is None and isinstance(first, Tensor):
+            self._home_device = first.device
         self.ensure_obs_shapes(shapes, isinstance(obs, Mapping))
+        return obs
+
+    def _as_tensors(self, obs: Any) -> Observation:
+        """Tensors, or dicts of them, from what environments hand out (NumPy arrays, numbers)."""
+        device = self.device
+        if isinstance(obs, Mapping):
+            if all(type(v) is Tensor for v in obs.values()):
+                return obs
+            # Entries without a normalizer pass through `normalize_obs` unchanged.
+            return {
+                k: check.as_tensor(f"obs[{k!r}]", v, device)
+                if self.dict_obs is None or k in self.obs
+                else v
+                for k, v in obs.items()
+            }
+        return check.as_tensor("obs", obs, device)
 
     @staticmethod
     def _feature_shape(name: str, x: Any, dims: int) -> tuple[int, ...]:
@@ -476,12 +573,14 @@ class Normalizers(nn.Module):
                 raise RuntimeError(
                     "No reward normalizer: construct with `reward=True` to normalize rewards."
                 )
-            if not isinstance(rewards, Tensor) or rewards.dim() not in (1, 2):
+            rewards = check.as_tensor("rewards", rewards, self.device)
+            if rewards.dim() not in (1, 2):
                 raise ValueError(
-                    "`rewards` must be a tensor of shape (num_envs,) or (T, num_envs), got "
-                    f"{getattr(rewards, 'shape', type(rewards).__name__)}."
+                    "`rewards` must have shape (num_envs,) or (T, num_envs), got "
+                    f"{tuple(rewards.shape)}."
                 )
-            self._device = self._device or rewards.device
+            if self.device is None:
+                self._home_device = rewards.device
             self.ensure_reward(rewards.shape[-1])
         assert self.reward is not None
         return self.reward

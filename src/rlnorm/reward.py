@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -98,7 +99,11 @@ class RewardNormalizer(nn.Module):
             prior_weight=prior_weight,
             device=device,
         )
-        self.register_buffer("returns", torch.zeros(num_envs, dtype=torch.float64, device=device))
+        with torch.inference_mode(False):  # updatable even when built in inference mode
+            returns = torch.zeros(num_envs, dtype=torch.float64, device=device)
+        self.register_buffer("returns", returns)
+        # The returns and the statistics advance together: one update at a time.
+        self._lock = threading.RLock()
 
     @property
     def clip(self) -> float | None:
@@ -142,8 +147,15 @@ class RewardNormalizer(nn.Module):
         Raises:
             ValueError: on a shape or device mismatch, or with ``nonfinite="raise"`` on a
                 non-finite reward (nothing is changed then).
+            TypeError: ``rewards`` or ``dones`` is not a tensor, a NumPy array or numbers.
+
+        Updates from several threads are serialized.
         """
         steps, dones = self._check(rewards, dones)
+        with self._lock:
+            return self._update(steps, dones)
+
+    def _update(self, steps: Tensor, dones: Tensor) -> Moments:
         if self.mode == "reward":
             return self.stats.update(steps)
         native = _native.try_discounted_returns(steps, dones, self.returns, self.gamma)
@@ -175,11 +187,13 @@ class RewardNormalizer(nn.Module):
         Returns:
             Scaled and clipped rewards in ``rewards``' dtype.
         """
+        rewards = self._as_tensor("rewards", rewards)
         self.stats._check_input(rewards, name="rewards")
         return self.stats.normalize(rewards)
 
     def denormalize(self, rewards: Tensor) -> Tensor:
         """Inverse of :meth:`normalize` where not clipped."""
+        rewards = self._as_tensor("rewards", rewards)
         self.stats._check_input(rewards, name="rewards")
         return self.stats.denormalize(rewards)
 
@@ -190,8 +204,9 @@ class RewardNormalizer(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Forget the statistics and zero every environment's return."""
-        self.stats.reset()
-        self.returns.zero_()
+        with self._lock:
+            self.stats.reset()
+            self.returns.zero_()
 
     @torch.no_grad()
     def reset_returns(self, env_mask: Tensor | None = None) -> None:
@@ -203,6 +218,7 @@ class RewardNormalizer(nn.Module):
         if env_mask is None:
             self.returns.zero_()
             return
+        env_mask = self._as_tensor("env_mask", env_mask)
         check.check_tensor("env_mask", env_mask, self.returns.device)
         if tuple(env_mask.shape) != (self.num_envs,):
             raise ValueError(
@@ -213,8 +229,8 @@ class RewardNormalizer(nn.Module):
     def _check(self, rewards: Tensor, dones: Tensor) -> tuple[Tensor, Tensor]:
         """Validate and reshape ``rewards`` and ``dones`` to ``(T, num_envs)``."""
         device = self.returns.device
-        check.check_tensor("rewards", rewards, device)
-        check.check_tensor("dones", dones, device)
+        rewards = check.check_tensor("rewards", self._as_tensor("rewards", rewards), device)
+        dones = check.check_tensor("dones", self._as_tensor("dones", dones), device)
         if rewards.dim() not in (1, 2) or rewards.shape[-1] != self.num_envs:
             raise ValueError(
                 f"`rewards` must have shape ({self.num_envs},) or (T, {self.num_envs}) "
@@ -226,6 +242,24 @@ class RewardNormalizer(nn.Module):
                 f"got {tuple(dones.shape)}."
             )
         return rewards.reshape(-1, self.num_envs), dones.reshape(-1, self.num_envs).to(torch.bool)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RewardNormalizer:
+        with torch.inference_mode(False):  # moves inside inference mode keep normal tensors
+            return super()._apply(fn, recurse)
+
+    def _as_tensor(self, name: str, value: Any) -> Tensor:
+        """NumPy arrays and Python numbers as tensors on the returns' device."""
+        return check.as_tensor(name, value, self.returns.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and deep copies leave out the lock."""
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def _load_from_state_dict(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
@@ -162,16 +163,25 @@ class RunningMeanStd(nn.Module):
             )
         device = check.check_device("device", device)
 
-        state = self._initial_moments(device)
+        # Normal tensors even when built under `torch.inference_mode()` (a deployment wrapper):
+        # inference tensors cannot be updated outside that mode and keep no version counter.
+        with torch.inference_mode(False):
+            state = self._initial_moments(device)
+            nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
         self.register_buffer("mean", state.mean)
         self.register_buffer("var", state.var)
         self.register_buffer("count", state.count)
         self.register_buffer("weight_sum", state.weight)
-        self.register_buffer("nonfinite_count", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("nonfinite_count", nonfinite_count)
         # The exact mean is `mean + mean_residual` (see `Moments.mean_residual`).
         self.register_buffer("mean_residual", state.mean_residual)
-        # Shift agreed across ranks before the first synchronised update (see `_shift`).
+        # Shift agreed across ranks at the first synchronised update (see `_shift`). Once set it
+        # is kept (moved by `.to()`, kept by `reset` and loads): whether a rank runs the extra
+        # collective must not depend on anything one rank can do alone.
         self._agreed_shift: Tensor | None = None
+        # Serializes writers (update, merge_, reset, loads) and the refresh of normalize's cache:
+        # two threads updating at once would otherwise lose each other's rows.
+        self._lock = threading.RLock()
         # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
         self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...], tuple[int, ...]] | None
         self._native_state = None
@@ -216,7 +226,21 @@ class RunningMeanStd(nn.Module):
         Raises:
             ValueError: ``x`` or ``mask`` has the wrong shape or device, or, with
                 ``nonfinite="raise"``, the batch holds NaN or Inf.
+            TypeError: ``x`` or ``mask`` is not a tensor, a NumPy array or numbers.
+
+        Updates from several threads are serialized (each takes a lock, about half a
+        microsecond when uncontended), so no rows are lost.
         """
+        if type(x) is not Tensor:
+            x = check.as_tensor("x", x, self._buffers["mean"].device)  # type: ignore[union-attr]
+        if mask is not None and type(mask) is not Tensor:
+            mask = check.as_tensor("mask", mask, self._buffers["mean"].device)  # type: ignore[union-attr]
+        if torch.compiler.is_compiling():  # traced once: no lock in the graph
+            return self._update(x, mask)
+        with self._lock:
+            return self._update(x, mask)
+
+    def _update(self, x: Tensor, mask: Tensor | None) -> Moments:
         flat, weights = self._flatten(x, mask)
         if not self._should_sync():
             batch = _native.try_update(self, flat, weights, x.shape)
@@ -313,8 +337,9 @@ class RunningMeanStd(nn.Module):
             raise ValueError(
                 f"`other` is on {other.mean.device} but this normalizer is on {self.mean.device}."
             )
-        new = merge(self.moments, other.moments)
-        self._store(new, self.nonfinite_count + other.nonfinite_count)
+        with self._lock:
+            new = merge(self.moments, other.moments)
+            self._store(new, self.nonfinite_count + other.nonfinite_count)
         return self
 
     def _store(self, new: Moments, nonfinite_count: Tensor) -> None:
@@ -336,8 +361,12 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Forget all data: back to count 0, mean 0, variance 1 (and ``prior_weight``)."""
-        self._store(self._initial_moments(self.mean.device), self.nonfinite_count * 0)
-        self._agreed_shift = None
+        with self._lock:
+            if self._agreed_shift is not None:
+                # The next synchronised update sums around the last mean, as all ranks do.
+                seen = self.count > 0
+                self._agreed_shift = torch.where(seen, self.mean.reshape(-1), self._agreed_shift)
+            self._store(self._initial_moments(self.mean.device), self.nonfinite_count * 0)
 
     def _initial_moments(self, device: torch.device | None) -> Moments:
         """The state before any data: the prior (weight ``prior_weight``) at mean 0, var 1."""
@@ -380,6 +409,8 @@ class RunningMeanStd(nn.Module):
         Returns:
             The normalized tensor, same shape as ``x`` (and the clipped count if asked).
         """
+        if type(x) is not Tensor:
+            x = check.as_tensor("x", x, self._buffers["mean"].device)  # type: ignore[union-attr]
         self._check_input(x)
         native = _native.try_normalize(self, x)
         if native is not None:
@@ -433,6 +464,8 @@ class RunningMeanStd(nn.Module):
         Returns:
             The tensor in the original units, in ``y``'s dtype.
         """
+        if type(y) is not Tensor:
+            y = check.as_tensor("y", y, self._buffers["mean"].device)  # type: ignore[union-attr]
         self._check_input(y, name="y")
         affine = self._affine(y)
         dtype = affine.scale.dtype
@@ -473,23 +506,18 @@ class RunningMeanStd(nn.Module):
 
         The arguments are the addresses of offset, offset_lo and scale, the clamp bound as a
         number and the number of features.
+
+        The cached tensors are made outside inference mode, so one cache serves calls under
+        ``torch.inference_mode()`` and calls whose output feeds a backward pass alike.
         """
-        buffers = self._buffers
-        mean, var, weight = buffers["mean"], buffers["var"], buffers["weight_sum"]
-        key = (
-            dtype,
-            self.clip,
-            self.epsilon,
-            self.center,
-            id(mean),
-            mean._version,  # type: ignore[union-attr]
-            id(var),
-            var._version,  # type: ignore[union-attr]
-            id(weight),
-            weight._version,  # type: ignore[union-attr]
-        )
-        if self._affine_cache is None or self._affine_cache[0] != key:
-            affine = self._compute_affine(dtype)
+        cache = self._affine_cache
+        key = self._affine_key(dtype)
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        with self._lock:  # a consistent state: no update is halfway through writing it
+            key = self._affine_key(dtype)
+            with torch.inference_mode(False):
+                affine = self._compute_affine(dtype)
             high = affine.high.reshape(-1)
             # The native kernel takes the bound as a number: one host read per change.
             bound = float(high[0]) if high.numel() else math.inf
@@ -500,8 +528,31 @@ class RunningMeanStd(nn.Module):
                 bound,
                 affine.offset.numel(),
             )
-            self._affine_cache = (key, affine, args)
-        return self._affine_cache[1], self._affine_cache[2]
+            if key is not None:
+                self._affine_cache = (key, affine, args)
+        return affine, args
+
+    def _affine_key(self, dtype: torch.dtype) -> tuple | None:
+        """What the cached affine depends on; ``None`` when it cannot be told (no caching)."""
+        buffers = self._buffers
+        mean, var, weight = buffers["mean"], buffers["var"], buffers["weight_sum"]
+        try:
+            return (
+                dtype,
+                self.clip,
+                self.epsilon,
+                self.center,
+                id(mean),
+                mean._version,  # type: ignore[union-attr]
+                id(var),
+                var._version,  # type: ignore[union-attr]
+                id(weight),
+                weight._version,  # type: ignore[union-attr]
+            )
+        except RuntimeError:
+            # Inference tensors (buffers a user replaced inside inference mode) keep no version
+            # counter, so a cache could not see their updates: recompute every call.
+            return None
 
     def _compute_affine(self, dtype: torch.dtype) -> Affine:
         # Statistics count as seen once they carry weight: data, or a `prior_weight`.
@@ -580,10 +631,14 @@ class RunningMeanStd(nn.Module):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(device=out.device)
 
-        # The buffers are replaced: drop what was derived from them.
-        self._agreed_shift = None
-        self._drop_derived()
-        return super()._apply(move_only, recurse)
+        # The buffers are replaced: drop what was derived from them. The agreed shift moves with
+        # them (dropping it on one rank would make that rank alone agree again: a collective
+        # the other ranks never join). Moves made inside inference mode still give normal tensors.
+        with torch.inference_mode(False):
+            if self._agreed_shift is not None:
+                self._agreed_shift = move_only(self._agreed_shift)
+            self._drop_derived()
+            return super()._apply(move_only, recurse)
 
     def _drop_derived(self) -> None:
         """Forget caches that hold buffer addresses (normalize's affine, kernels, graphs)."""
@@ -593,12 +648,17 @@ class RunningMeanStd(nn.Module):
         self._normalize_graphs.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickling and deep copies leave out caches that hold buffer addresses."""
+        """Pickling and deep copies leave out caches that hold buffer addresses, and the lock."""
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state["_affine_cache"] = None
         state["_native_state"] = None
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def _load_from_state_dict(
         self,
@@ -635,12 +695,23 @@ class RunningMeanStd(nn.Module):
                 raise ValueError(f"Cannot load `{prefix}{key}`: it holds NaN or Inf values.")
             if key == "var" and isinstance(value, Tensor) and bool((value < 0).any()):
                 raise ValueError(f"Cannot load `{prefix}var`: it holds negative variances.")
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._agreed_shift = None
-        # `load_state_dict(assign=True)` replaces the buffers: forget what pointed at the old ones.
-        self._drop_derived()
+        with self._lock:
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+            for name, buffer in self._buffers.items():
+                if buffer is not None and buffer.is_inference():
+                    # `assign=True` inside inference mode: keep normal, updatable tensors.
+                    with torch.inference_mode(False):
+                        self._buffers[name] = buffer.clone()
+            # `load_state_dict(assign=True)` replaces the buffers: forget what pointed at them.
+            self._drop_derived()
 
     def extra_repr(self) -> str:  # noqa: D102
         parts = [f"shape={self.shape}"]
