@@ -21,6 +21,7 @@ import io
 import re
 import shlex
 import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -193,6 +194,16 @@ def test_the_rlnorm_command_the_readme_uses_is_installed() -> None:
     assert shutil.which("rlnorm") is not None, "`pip install -e .` installs the rlnorm script"
 
 
+@cache
+def jupyter_execute_help() -> str:
+    exe = shutil.which("jupyter")
+    assert exe is not None, "`pip install -e .[notebook]` installs jupyter (with nbclient)"
+    done = subprocess.run(
+        [exe, "execute", "--help"], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout
+
+
 def options(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--")]
 
@@ -240,7 +251,12 @@ def test_bash_commands_name_real_subcommands_options_files_and_extras(
                 assert f'"{option}"' in source, f"{where}: {args[0]} defines no {option}"
     elif program == "jupyter":
         assert args[0] == "execute", where
-        assert (ROOT / args[-1]).is_file(), f"{where}: no notebook {args[-1]}"
+        text = jupyter_execute_help()
+        for option in options(args[1:]):
+            assert option in text, f"{where}: `jupyter execute --help` has no {option}"
+        for arg in args[1:]:
+            if not arg.startswith("-"):
+                assert (ROOT / arg).is_file(), f"{where}: no notebook {arg}"
     else:
         pytest.fail(f"{where}: a command this test does not know how to check")
 
