@@ -3,8 +3,8 @@
 The claim (README, "Exact statistics"): data with mean 1e6 and std 1e-3 keep their variance to
 1e-14 relative, however they are chunked. Measured with this file (4096 float64 rows, two
 columns, from one batch down to one row per update, on the native kernels and on the torch
-code): at most 5.3e-15. The reference is the
-population variance of the very float64 values fed in, computed exactly with ``Fraction``.
+code): at most 5.3e-15. The reference is the population variance of the very float64 values
+fed in, computed exactly with ``Fraction``.
 Reproduce with ``python -m pytest tests/test_precision_claims.py -q -s``: it prints the worst
 relative error per chunking.
 """
