@@ -1,20 +1,25 @@
 """``notebooks/inspect_drift.ipynb`` executes on a tiny run, so it cannot rot.
 
 A tiny ``rlnorm fit`` (logging every 2 steps, so that the drift figures and the heatmap exist)
-writes into a temporary directory; the notebook then runs in a fresh ``python3`` kernel with
-``RLNORM_RUN_DIR`` pointing at the run and ``MPLBACKEND=agg`` (a headless machine), from the
-repository root.
+writes into ``<tmp>/project/runs/cartpole``; the notebook then runs in a fresh ``python3``
+kernel started in ``<tmp>/project/notebooks`` (as Jupyter does: not the repository root), with
+no ``RLNORM_RUN_DIR``, so it must find the run itself, and ``MPLBACKEND=agg`` (a headless
+machine). A second execution, pointed at a folder without checkpoints, must stop with an error
+that says what to do.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import QUIET_LIGHTNING
 from rlnorm.cli import main
@@ -25,17 +30,52 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "inspect_drift.ipynb"
 
 
+@contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set (or, with ``None``, unset) environment variables; the kernel inherits them."""
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute(cwd: Path, run_dir: Path | None) -> dict[str, Any]:
+    """The notebook executed in a kernel started in ``cwd``; the error if a cell raised."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    env = {"RLNORM_RUN_DIR": None if run_dir is None else str(run_dir), "MPLBACKEND": "agg"}
+    error = None
+    with environment(**env):
+        client = NotebookClient(
+            notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}}
+        )
+        try:
+            client.execute()
+        except Exception as err:  # reported by the tests, with the cell that failed
+            error = err
+    return {"notebook": notebook, "error": error}
+
+
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The notebook, executed on a fresh tiny run; the error if it raised."""
-    root = tmp_path_factory.mktemp("notebook_run")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder laid out like the repository, holding one tiny run in runs/cartpole."""
+    project = tmp_path_factory.mktemp("project")
     status = main(
         [
             "fit",
             "--config",
             str(ROOT / "configs" / "cartpole.yaml"),
             "--trainer.default_root_dir",
-            str(root),
+            str(project / "runs" / "cartpole"),
             "--model.total_timesteps",
             "384",
             "--model.num_envs",
@@ -53,51 +93,72 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ]
     )
     assert status == 0
-    run_dir = root / "lightning_logs" / "version_0"
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (project / "runs/cartpole/lightning_logs/version_0/checkpoints/last.ckpt").is_file()
+    # A later run that wrote no checkpoint (stopped early): not the one to read.
+    (project / "runs/cartpole/lightning_logs/version_1").mkdir()
+    (project / "notebooks").mkdir()
+    return project
 
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    saved = {k: os.environ.get(k) for k in ("RLNORM_RUN_DIR", "MPLBACKEND")}
-    os.environ["RLNORM_RUN_DIR"] = str(run_dir)  # the kernel inherits this environment
-    os.environ["MPLBACKEND"] = "agg"
-    error = None
-    try:
-        client = NotebookClient(
-            notebook,
-            kernel_name="python3",
-            timeout=300,
-            resources={"metadata": {"path": str(ROOT)}},
-        )
-        client.execute()
-    except Exception as err:  # reported by the test below, with the cell that failed
-        error = err
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return {"notebook": notebook, "error": error, "run_dir": run_dir}
+
+@pytest.fixture(scope="module")
+def executed(project: Path) -> dict[str, Any]:
+    return execute(cwd=project / "notebooks", run_dir=None)
 
 
 def outputs(notebook: Any) -> list[Any]:
     return [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
 
 
-def test_drift_notebook_executes_on_a_tiny_run_without_errors(executed):
+def text_of(notebook: Any) -> str:
+    return "".join(o.get("text", "") for o in outputs(notebook))
+
+
+def test_drift_notebook_finds_the_newest_run_with_a_checkpoint_from_another_directory(
+    executed: dict[str, Any], project: Path
+) -> None:
     assert executed["error"] is None, executed["error"]
     assert not [o for o in outputs(executed["notebook"]) if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs(executed["notebook"]))
-    assert f"rlnorm scalar tags in {executed['run_dir']}" in text
-    assert "last.ckpt" in text
+    run_dir = project / "runs" / "cartpole" / "lightning_logs" / "version_0"
+    text = text_of(executed["notebook"])
+    assert f"Reading run {run_dir.resolve()}\n" in text
+    assert "checkpoint last.ckpt" in text
 
 
-def test_drift_notebook_renders_its_three_figures_as_images_under_mplbackend_agg(executed):
+def test_drift_notebook_renders_its_figures_as_images_under_mplbackend_agg(
+    executed: dict[str, Any],
+) -> None:
     assert executed["error"] is None, executed["error"]
     images = [
         o
         for o in outputs(executed["notebook"])
         if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
     ]
-    # Drift figures, per-dimension statistics, drift heatmap.
-    assert len(images) >= 3, f"{len(images)} image outputs"
+    # Drift figures, per-dimension statistics, one drift heatmap per normalizer (obs, reward).
+    assert len(images) >= 4, f"{len(images)} image outputs"
+
+
+def test_drift_heatmap_rows_are_named_dimensions_and_columns_the_logged_steps(
+    executed: dict[str, Any], project: Path
+) -> None:
+    assert executed["error"] is None, executed["error"]
+    events = EventAccumulator(str(project / "runs/cartpole/lightning_logs/version_0"))
+    events.Reload()
+    text = text_of(executed["notebook"])
+    for tag, rows in (("obs", "rows obs[0]..obs[3] (4)"), ("reward", "rows reward (1)")):
+        steps = [e.step for e in events.Images(f"rlnorm/{tag}/drift_heatmap")]
+        assert len(steps) >= 2
+        line = f"rlnorm/{tag}/drift_heatmap: {rows}, "
+        line += f"columns at steps {steps[0]}..{steps[-1]} ({len(steps)} logs)"
+        assert line in text
+
+
+def test_drift_notebook_without_a_run_says_how_to_make_one(project: Path) -> None:
+    empty_run = project / "runs" / "cartpole" / "lightning_logs" / "version_1"
+    result = execute(cwd=project, run_dir=empty_run)
+    errors = [o for o in outputs(result["notebook"]) if o.output_type == "error"]
+    assert result["error"] is not None
+    assert len(errors) == 1
+    message = errors[0]["evalue"]
+    assert errors[0]["ename"] == "FileNotFoundError"
+    assert f"RLNORM_RUN_DIR={empty_run.resolve()}" in message
+    assert "rlnorm fit --config configs/cartpole.yaml" in message
