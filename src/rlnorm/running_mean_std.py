@@ -50,7 +50,9 @@ class RunningMeanStd(nn.Module):
     Statistics are float64 buffers (the count int64) whatever the input dtype, so ``.to()``,
     ``state_dict()`` and ``load_state_dict()`` behave as for any module, and precision does not
     run out: counts stay exact past ``2**24`` and ``2**31``, and a mean of 1e6 with a standard
-    deviation of 1e-3 keeps its variance to 1e-6 relative.
+    deviation of 1e-3 keeps its variance to 1e-14 relative however the data are chunked
+    (measured at most 5.3e-15 against the exact rational variance; see
+    ``tests/test_precision_claims.py``).
 
     Exact mode (``momentum=None``) merges each batch's moments with Chan's parallel formula;
     the result equals the moments of all data seen so far, with no fake prior samples. EMA mode
