@@ -184,6 +184,24 @@ def test_load_normalizers_returns_the_trained_statistics_frozen(trained: dict) -
     assert torch.equal(scaled, callback.normalizers.scale_rewards(torch.full((NUM_ENVS,), 5.0)))
 
 
+def test_load_normalizers_inside_inference_mode_deploys_the_trained_statistics(
+    trained: dict,
+) -> None:
+    callback: NormalizerCallback = trained["callback"]
+    obs = torch.randn(16, OBS_DIM) * 0.1
+    with torch.inference_mode():  # the usual deployment wrapper, around loading too
+        norms = rlnorm.load_normalizers(trained["path"])
+        deployed = norms.normalize_obs(obs)
+        single = norms.normalize_obs(obs[0].numpy())  # one observation, as env.reset() gives
+        assert norms.obs.mean.shape == (OBS_DIM,)
+    assert torch.equal(deployed, callback.normalizers.normalize_obs(obs))
+    assert torch.equal(single, deployed[0])
+    # The same normalizers then feed a backward pass outside the mode.
+    x = obs.clone().requires_grad_(True)
+    norms.normalize_obs(x).sum().backward()
+    assert x.grad is not None
+
+
 def test_load_normalizers_accepts_a_loaded_checkpoint_dict(trained: dict) -> None:
     checkpoint = torch.load(trained["path"], weights_only=True)
     norms = rlnorm.load_normalizers(checkpoint)
