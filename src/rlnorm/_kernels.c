@@ -10,6 +10,9 @@
  * GIL while they run. Python-side checks (rlnorm/_native.py) guarantee shapes, dtypes and
  * contiguity before a call; nothing here re-validates them.
  *
+ * Memory: the kernels' scratch is fixed by the number of features and threads, never by the
+ * number of rows (see shifted_sums), and counted (scratch_peak) so that the tests can check it.
+ *
  * Compiled with -ffp-contract=off: a fused multiply-add would change roundings relative to
  * the torch formulas.
  */
@@ -307,7 +310,7 @@ static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const d
     }
     if (threads > chunks) threads = (int)chunks;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    if (threads < 1 || !HAVE_THREADS) threads = 1;
     /* A ring of two chunk partials per worker, a block scratch per worker and the unweighted
      * squares' totals: (9 * threads + 1) * d values, whatever the number of rows. */
     const int64_t slots = 2 * (int64_t)threads;
