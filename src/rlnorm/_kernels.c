@@ -10,6 +10,9 @@
  * GIL while they run. Python-side checks (rlnorm/_native.py) guarantee shapes, dtypes and
  * contiguity before a call; nothing here re-validates them.
  *
+ * Memory: the kernels' scratch is fixed by the number of features and threads, never by the
+ * number of rows (see shifted_sums), and counted (scratch_peak) so that the tests can check it.
+ *
  * Compiled with -ffp-contract=off: a fused multiply-add would change roundings relative to
  * the torch formulas.
  */
@@ -126,15 +129,6 @@ HOT static void sums_rows(const SumsTask *t) {
     }
 }
 
-#if HAVE_THREADS
-static void *sums_worker(void *arg) {
-    /* arg points at the first of this worker's tasks; tasks are strided by the worker count. */
-    SumsTask **list = (SumsTask **)arg;
-    for (SumsTask **t = list; *t; t++) sums_rows(*t);
-    return NULL;
-}
-#endif
-
 static inline double value_at(const void *x, int is_f64, int64_t k) {
     return is_f64 ? ((const double *)x)[k] : (double)((const float *)x)[k];
 }
@@ -170,6 +164,135 @@ static void sums_exact(const void *x, int is_f64, int64_t n, int64_t d, const do
     }
 }
 
+/* One call of shifted_sums shared by its workers. Chunks are handed out in order; a worker
+ * sums its chunk into a slot of a ring of `slots` chunk partials, and the partials are added
+ * to the column totals strictly in chunk order (by whichever worker finds the next one ready
+ * while no other is merging). Every total is thus the in-order sum of the chunk partials,
+ * whatever the number of workers, and the scratch is a few rows of `d` values per worker: it
+ * does not grow with the number of rows. A chunk is handed out only once its slot's previous
+ * chunk was merged, so a worker waits only when it ran a whole ring ahead of a slow one. */
+typedef struct {
+    const void *x;
+    int is_f64;
+    int64_t n, d, chunk_rows, chunks;
+    const double *w, *shift;
+    double *sum, *sq, *raw; /* column totals; raw: unweighted squares (weights only) */
+    double *slots;          /* `slots` x 3 * d chunk partials (sum, sq, sq_raw) */
+    double *blocks;         /* one 3 * d block scratch per worker */
+    int64_t slots_n;
+    /* under the lock: */
+    int64_t next;     /* first chunk not handed out */
+    int64_t merged;   /* chunks added to the totals */
+    int64_t *ready;   /* per slot: the chunk whose partial it holds, or -1 */
+    int merging;      /* a worker is adding a partial to the totals */
+#if HAVE_THREADS
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+#endif
+} SumsJob;
+
+typedef struct {
+    SumsJob *job;
+    int id;
+} SumsWorker;
+
+#if HAVE_THREADS
+#define JOB_LOCK(job) pthread_mutex_lock(&(job)->lock)
+#define JOB_UNLOCK(job) pthread_mutex_unlock(&(job)->lock)
+#define JOB_WAIT(job) pthread_cond_wait(&(job)->cond, &(job)->lock)
+#define JOB_WAKE(job) pthread_cond_broadcast(&(job)->cond)
+#else /* one worker: it never waits */
+#define JOB_LOCK(job)
+#define JOB_UNLOCK(job)
+#define JOB_WAIT(job)
+#define JOB_WAKE(job)
+#endif
+
+static void sums_work(SumsJob *job, int id) {
+    const int64_t d = job->d, slots = job->slots_n;
+    JOB_LOCK(job);
+    while (job->merged < job->chunks) {
+        const int64_t m = job->merged;
+        if (!job->merging && job->ready[m % slots] == m) {
+            job->merging = 1;
+            JOB_UNLOCK(job);
+            const double *ps = job->slots + 3 * (m % slots) * d, *pq = ps + d, *pr = ps + 2 * d;
+            for (int64_t j = 0; j < d; j++) {
+                job->sum[j] += ps[j];
+                job->sq[j] += pq[j];
+            }
+            if (job->w)
+                for (int64_t j = 0; j < d; j++) job->raw[j] += pr[j];
+            JOB_LOCK(job);
+            job->ready[m % slots] = -1;
+            job->merged = m + 1;
+            job->merging = 0;
+            JOB_WAKE(job); /* a slot is free, and the totals may be complete */
+        } else if (job->next < job->chunks && job->next - m < slots) {
+            const int64_t c = job->next++;
+            JOB_UNLOCK(job);
+            double *slot = job->slots + 3 * (c % slots) * d;
+            const int64_t end = (c + 1) * job->chunk_rows;
+            SumsTask t = {job->x, job->is_f64, d, job->w, job->shift, c * job->chunk_rows,
+                          end < job->n ? end : job->n, slot, slot + d, slot + 2 * d,
+                          job->blocks + 3 * (int64_t)id * d};
+            sums_rows(&t);
+            JOB_LOCK(job);
+            job->ready[c % slots] = c; /* this worker merges it next if it is due */
+        } else {
+            /* The next partial is being summed, or merged by another worker, and no slot is
+             * free: whoever finishes a merge wakes us. */
+            JOB_WAIT(job);
+        }
+    }
+    JOB_UNLOCK(job);
+}
+
+#if HAVE_THREADS
+static void *sums_thread(void *arg) {
+    SumsWorker *worker = (SumsWorker *)arg;
+    sums_work(worker->job, worker->id);
+    return NULL;
+}
+#endif
+
+/* Bytes of scratch the kernels hold now and the most held at once since scratch_peak() last
+ * read it: the tests check that it does not grow with the number of rows. Every malloc of the
+ * kernels goes through scratch_alloc; the GIL may be released, hence the lock. */
+static int64_t scratch_now = 0, scratch_peak = 0;
+#if HAVE_THREADS
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+#endif
+
+static void *scratch_alloc(size_t bytes) {
+    /* A size header in front of the block so scratch_free knows what it returns. */
+    int64_t *p = malloc(bytes + sizeof(int64_t) * 2);
+    if (!p) return NULL;
+    p[0] = (int64_t)bytes;
+#if HAVE_THREADS
+    pthread_mutex_lock(&scratch_lock);
+#endif
+    scratch_now += (int64_t)bytes;
+    if (scratch_now > scratch_peak) scratch_peak = scratch_now;
+#if HAVE_THREADS
+    pthread_mutex_unlock(&scratch_lock);
+#endif
+    return p + 2; /* 16 bytes: keeps malloc's alignment */
+}
+
+static void scratch_free(void *ptr) {
+    if (!ptr) return;
+    int64_t *p = (int64_t *)ptr - 2;
+#if HAVE_THREADS
+    pthread_mutex_lock(&scratch_lock);
+#endif
+    scratch_now -= p[0];
+#if HAVE_THREADS
+    pthread_mutex_unlock(&scratch_lock);
+#endif
+    free(p);
+}
+
 /* Weighted sums around `shift` (moments.shifted_sums). Returns 0, or -1 when out of memory. */
 static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const double *w,
                         const double *shift, double *sum, double *sq, double *weight,
@@ -177,9 +300,9 @@ static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const d
     int64_t chunk_rows = CHUNK_ELEMENTS / (d > 0 ? d : 1);
     if (chunk_rows < BLOCK_ROWS) chunk_rows = BLOCK_ROWS;
     int64_t chunks = n > 0 ? (n + chunk_rows - 1) / chunk_rows : 0;
+    memset(sum, 0, sizeof(double) * (d > 0 ? d : 0));
+    memset(sq, 0, sizeof(double) * (d > 0 ? d : 0));
     if (chunks == 0 || d == 0) {
-        memset(sum, 0, sizeof(double) * d);
-        memset(sq, 0, sizeof(double) * d);
         *weight = 0.0;
         *count = 0;
         *nonfinite = 0;
@@ -187,64 +310,41 @@ static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const d
     }
     if (threads > chunks) threads = (int)chunks;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    /* Per chunk: sum, sq, sq_raw; per worker: a 3 * d block scratch. */
-    double *mem = malloc(sizeof(double) * d * (3 * chunks + 3 * threads));
-    SumsTask *tasks = malloc(sizeof(SumsTask) * chunks);
-    SumsTask **lists = malloc(sizeof(SumsTask *) * (chunks + threads));
-    if (!mem || !tasks || !lists) {
-        free(mem);
-        free(tasks);
-        free(lists);
-        return -1;
-    }
-    for (int64_t c = 0; c < chunks; c++) {
-        SumsTask *t = &tasks[c];
-        t->x = x;
-        t->is_f64 = is_f64;
-        t->d = d;
-        t->w = w;
-        t->shift = shift;
-        t->row_begin = c * chunk_rows;
-        t->row_end = (c + 1) * chunk_rows < n ? (c + 1) * chunk_rows : n;
-        t->sum = mem + 3 * c * d;
-        t->sq = t->sum + d;
-        t->sq_raw = t->sq + d;
-        t->block = mem + 3 * chunks * d + 3 * (c % threads) * d;
-    }
-    /* Worker k runs chunks k, k + threads, ...; each list ends with NULL. */
-    int64_t pos = 0;
-    int64_t starts[MAX_THREADS];
-    for (int k = 0; k < threads; k++) {
-        starts[k] = pos;
-        for (int64_t c = k; c < chunks; c += threads) lists[pos++] = &tasks[c];
-        lists[pos++] = NULL;
-    }
+    if (threads < 1 || !HAVE_THREADS) threads = 1;
+    /* A ring of two chunk partials per worker, a block scratch per worker and the unweighted
+     * squares' totals: (9 * threads + 1) * d values, whatever the number of rows. */
+    const int64_t slots = 2 * (int64_t)threads;
+    double *mem = scratch_alloc(sizeof(double) * d * (9 * (int64_t)threads + 1) +
+                                sizeof(int64_t) * slots);
+    if (!mem) return -1;
+    double *raw = mem;
+    memset(raw, 0, sizeof(double) * d);
+    int64_t *ready = (int64_t *)(mem + d * (9 * (int64_t)threads + 1));
+    for (int64_t k = 0; k < slots; k++) ready[k] = -1;
+    SumsJob job = {x, is_f64, n, d, chunk_rows, chunks, w, shift, sum, sq, raw,
+                   mem + d, mem + d + 3 * slots * d, slots, 0, 0, ready, 0};
 #if HAVE_THREADS
     pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int k = 1; k < threads; k++)
-        started[k] = pthread_create(&ids[k], NULL, sums_worker, &lists[starts[k]]) == 0;
-    for (SumsTask **t = &lists[starts[0]]; *t; t++) sums_rows(*t);
+    SumsWorker workers[MAX_THREADS];
+    int started = 0;
+    pthread_mutex_init(&job.lock, NULL);
+    pthread_cond_init(&job.cond, NULL);
+    /* A thread that fails to start only leaves more chunks to the others. */
     for (int k = 1; k < threads; k++) {
-        if (started[k])
-            pthread_join(ids[k], NULL);
-        else
-            for (SumsTask **t = &lists[starts[k]]; *t; t++) sums_rows(*t);
+        workers[started] = (SumsWorker){&job, started + 1};
+        if (pthread_create(&ids[started], NULL, sums_thread, &workers[started]) != 0) break;
+        started++;
     }
+    sums_work(&job, 0);
+    for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
+    pthread_cond_destroy(&job.cond);
+    pthread_mutex_destroy(&job.lock);
 #else
-    for (int64_t c = 0; c < chunks; c++) sums_rows(&tasks[c]);
+    sums_work(&job, 0);
 #endif
+    const double *squares = w ? raw : sq;
     double total = 0.0;
-    memset(sum, 0, sizeof(double) * d);
-    memset(sq, 0, sizeof(double) * d);
-    for (int64_t c = 0; c < chunks; c++) {
-        for (int64_t j = 0; j < d; j++) {
-            sum[j] += tasks[c].sum[j];
-            sq[j] += tasks[c].sq[j];
-            total += w ? tasks[c].sq_raw[j] : tasks[c].sq[j];
-        }
-    }
+    for (int64_t j = 0; j < d; j++) total += squares[j];
     for (int64_t j = 0; j < d; j++) total += sum[j] * 0.0; /* NaN or Inf in a sum poisons it */
     /* A finite total of squares bounds every row's sum of squares, so no row overflowed and
      * no value was NaN or Inf (a NaN or Inf anywhere, even at weight 0, reaches the total). */
@@ -267,9 +367,7 @@ static int shifted_sums(const void *x, int is_f64, int64_t n, int64_t d, const d
     } else {
         sums_exact(x, is_f64, n, d, w, shift, sum, sq, weight, count, nonfinite, mem);
     }
-    free(mem);
-    free(tasks);
-    free(lists);
+    scratch_free(mem);
     return 0;
 }
 
@@ -357,7 +455,7 @@ static PyObject *k_update(PyObject *self, PyObject *args) {
     int64_t b_count = 0, nonfinite = 0;
     int applied = 1, failed = 0;
     BEGIN_WORK(n * d)
-    double *sums = malloc(sizeof(double) * (d > 0 ? 3 * d : 1));
+    double *sums = scratch_alloc(sizeof(double) * (d > 0 ? 3 * d : 1));
     if (!sums) {
         failed = 1;
     } else {
@@ -400,7 +498,7 @@ static PyObject *k_update(PyObject *self, PyObject *args) {
             *count += b_count;
             *nonf += nonfinite;
         }
-        free(sums);
+        scratch_free(sums);
     }
     END_WORK
     if (failed) return PyErr_NoMemory();
@@ -574,7 +672,23 @@ static PyObject *k_discounted_returns(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* scratch_peak() -> the most bytes of scratch held at once since the last call; resets it to
+ * what is held now (0 between calls). */
+static PyObject *k_scratch_peak(PyObject *self, PyObject *unused) {
+#if HAVE_THREADS
+    pthread_mutex_lock(&scratch_lock);
+#endif
+    long long peak = (long long)scratch_peak;
+    scratch_peak = scratch_now;
+#if HAVE_THREADS
+    pthread_mutex_unlock(&scratch_lock);
+#endif
+    return PyLong_FromLongLong(peak);
+}
+
 static PyMethodDef methods[] = {
+    {"scratch_peak", k_scratch_peak, METH_NOARGS,
+     "Most bytes of scratch held at once since the last call (see _native.py)."},
     {"discounted_returns", k_discounted_returns, METH_VARARGS,
      "RewardNormalizer's return recursion over a rollout (see _native.py)."},
     {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see _native.py)."},

@@ -10,7 +10,9 @@ They are used only where they are drop-ins: eager mode (not traced by ``torch.co
 ``torch.export`` or ``torch.jit``), CPU tensors of dtype float32 or float64, no autograd through
 the input, and no distributed reduction. Everything else, including CUDA, runs the torch code,
 which is also the fallback when the extension was not built (no C compiler at install time).
-Set the environment variable ``RLNORM_NATIVE=0`` to turn them off.
+Set the environment variable ``RLNORM_NATIVE=0`` to turn them off. :func:`calls` tells which
+path served (each kernel counts its calls) and :func:`scratch_peak` how much memory the kernels
+held, which stays fixed by the number of features and threads, whatever the number of rows.
 
 Example:
     >>> from rlnorm import _native
@@ -41,10 +43,14 @@ try:
 except ImportError:  # built without a C compiler: the torch code path serves
     _kernels = None
 
-__all__ = ["available", "enabled", "native_kernels"]
+__all__ = ["available", "calls", "enabled", "native_kernels", "scratch_peak"]
 
 _FLOATS = (torch.float32, torch.float64)
 _enabled = _kernels is not None and os.environ.get("RLNORM_NATIVE", "1") != "0"
+
+#: Calls each kernel served in this process, counted after the kernel returned: which path ran
+#: is observable (tests) without patching anything.
+_calls = {"update": 0, "shifted_sums": 0, "normalize": 0, "discounted_returns": 0}
 
 
 def available() -> bool:
@@ -55,6 +61,30 @@ def available() -> bool:
 def enabled() -> bool:
     """Whether eligible calls currently use the native kernels."""
     return _enabled
+
+
+def calls() -> dict[str, int]:
+    """How many calls each native kernel served in this process so far.
+
+    Returns:
+        A copy of the counts, keyed ``"update"``, ``"shifted_sums"``, ``"normalize"`` and
+        ``"discounted_returns"``; all stay 0 while the torch code path serves.
+    """
+    return dict(_calls)
+
+
+def scratch_peak() -> int | None:
+    """The most bytes of scratch memory the kernels held at once since the previous call.
+
+    Every allocation of the kernels is counted (their outputs are torch tensors, allocated by
+    the caller). An update holds at most ``8 * ((9 * threads + 4) * features + 2 * threads)``
+    bytes, ``threads`` being at most ``torch.get_num_threads()``, whatever the number of rows.
+
+    Returns:
+        The peak in bytes (reset to what is held now, 0 between calls), or ``None`` when the
+        extension was not built.
+    """
+    return None if _kernels is None else int(_kernels.scratch_peak())
 
 
 @contextlib.contextmanager
@@ -193,6 +223,7 @@ def try_update(
         count.data_ptr(),
         torch.get_num_threads(),
     )
+    _calls["update"] += 1
     if not applied:
         raise check.nonfinite_error(nonfinite, input_shape)
     _increment_versions(rms._native_state[0])  # type: ignore[index]  # set by _state_pointers
@@ -227,6 +258,7 @@ def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> Shifte
         sums[1].data_ptr(),
         torch.get_num_threads(),
     )
+    _calls["shifted_sums"] += 1
     return ShiftedSums(
         torch.tensor(weight, dtype=torch.float64),
         torch.tensor(count, dtype=torch.int64),
@@ -261,6 +293,7 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
         bound,
         torch.get_num_threads(),
     )
+    _calls["normalize"] += 1
     return out, at_bound
 
 
@@ -290,4 +323,5 @@ def try_discounted_returns(
         envs,
         float(gamma),
     )
+    _calls["discounted_returns"] += 1
     return trajectory, new_returns
