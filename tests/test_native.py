@@ -314,14 +314,34 @@ def test_non_contiguous_input_takes_the_torch_path_with_the_same_result() -> Non
     assert torch.equal(rms.normalize(base.T), ref.normalize(base.T.contiguous()))
 
 
-def test_inference_mode_buffers_take_the_torch_path() -> None:
+def test_normalizer_built_in_inference_mode_keeps_normal_buffers_that_the_kernels_serve() -> None:
+    gen = torch.Generator().manual_seed(4)
+    first, second = torch.randn(2, 10, 2, generator=gen, dtype=F64) * 3 + 5
+    calls = kernel_calls("update")
+    with torch.inference_mode():  # a deployment wrapper around building and updating
+        rms = RunningMeanStd(2)
+        rms.update(first)
+        rms.update(second)
+    assert not rms.mean.is_inference()
+    assert kernel_calls("update") == calls + 2
+    mean, var, _, count = reference_moments(torch.cat([first, second]))
+    assert int(rms.count) == count == 20
+    assert_close(rms.mean, mean, rtol=1e-14)
+    assert_close(rms.var, var, rtol=1e-13)
+
+
+def test_inference_tensor_buffers_take_the_torch_path_and_normalize_uncached() -> None:
     gen = torch.Generator().manual_seed(4)
     first, second = torch.randn(2, 10, 2, generator=gen, dtype=F64) * 3 + 5
     calls = kernel_calls("update")
     with torch.inference_mode():
-        rms = RunningMeanStd(2)  # buffers created here are inference tensors
+        rms = RunningMeanStd(2)
+        for name, buffer in list(rms.named_buffers()):
+            setattr(rms, name, buffer.clone())  # a user's own assignment: inference tensors
         rms.update(first)
+        out_first = rms.normalize(first)
         rms.update(second)
+        out_second = rms.normalize(first)  # no version counters: the affine is recomputed
     assert rms.mean.is_inference()
     # The kernel never ran (it may not write inference tensors behind torch's back), so the
     # torch code computed these statistics; they are those of the 20 rows.
@@ -330,6 +350,8 @@ def test_inference_mode_buffers_take_the_torch_path() -> None:
     assert int(rms.count) == count == 20
     assert_close(rms.mean, mean, rtol=1e-14)
     assert_close(rms.var, var, rtol=1e-13)
+    assert_close(out_second, (first.numpy() - mean) / np.sqrt(var + rms.epsilon), rtol=1e-12)
+    assert not torch.equal(out_first, out_second)
 
 
 FALLBACK_SCRIPT = """
