@@ -7,7 +7,8 @@ processes.
 1. Uneven data: rank ``r`` plays ``5 + 37 * r`` environments, so every ``update_obs`` call gets
    a different number of rows on each rank. Each rank writes what it fed the normalizer and its
    final normalizer state to ``OUTDIR/rank{r}.pt``; rank 0's TensorBoard logger writes under
-   ``OUTDIR/tb`` and the final checkpoint goes to ``OUTDIR/final.ckpt``.
+   ``OUTDIR/tb`` (every ``LOG_EVERY`` steps and at the end of each 3-step epoch) and the final
+   checkpoint goes to ``OUTDIR/final.ckpt``.
 2. Resume: with 3 environments per rank (different seeds per rank), an uninterrupted fit of
    ``RESUME_STEPS`` steps, and a fit of half of them saved to ``OUTDIR/half.ckpt`` then resumed
    by new Trainer/module/callback objects. Each rank writes the three final states to
@@ -50,7 +51,7 @@ def main(outdir: Path) -> None:
         extra_envs_per_rank=EXTRA_ENVS_PER_RANK,
         rollout_len=ROLLOUT_LEN,
         gamma=GAMMA,
-        steps_per_epoch=2 * MAX_STEPS,
+        steps_per_epoch=MAX_STEPS,  # split over the 2 ranks: 3-step epochs
     )
     trainer = make_trainer(
         outdir,

@@ -683,6 +683,43 @@ def test_inferred_shapes_are_restored_from_a_checkpoint_before_any_data(tmp_path
     assert_state_equal(state_of(bare.normalizers), state_of(callback.normalizers))
 
 
+def test_states_written_before_telemetry_was_checkpointed_still_load_and_resume(
+    tmp_path: Path,
+) -> None:
+    callback = NormalizerCallback(reward=True, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4, logger=CSVLogger(tmp_path, "a"))
+    trainer.fit(RolloutAgent())
+    checkpoint = torch.load(_save(trainer, tmp_path / "new.ckpt"), weights_only=True)
+    state = checkpoint["callbacks"][callback.state_key]
+    assert set(state["telemetry"]) == {
+        "last_logged_step",
+        "logged_counts",
+        "interval",
+        "heatmaps",
+    }
+    del state["telemetry"]  # as schema-1 states of earlier rlnorm releases are
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+
+    bare = NormalizerCallback(reward=True)
+    bare.load_state_dict(state)
+    assert_state_equal(state_of(bare.normalizers), state_of(callback.normalizers))
+    resumed = NormalizerCallback(reward=True, log_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="b")
+    make_trainer(tmp_path, [resumed], max_steps=6, logger=logger).fit(
+        RolloutAgent(), ckpt_path=older
+    )
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["rlnorm/obs/count"]]
+    assert [(int(r["step"]), float(r["rlnorm/obs/count"])) for r in rows] == [(5, 6 * ROWS)]
+    assert rows[0]["rlnorm/obs/drift/kl"]  # drift from the restored last log
+
+
+def _save(trainer: Any, path: Path) -> Path:
+    trainer.save_checkpoint(path)
+    return path
+
+
 # ---------------------------------------------------------------------------- configure_callbacks
 
 

@@ -180,6 +180,27 @@ def test_interval_metrics_ignore_nan_shifts() -> None:
     assert float(metrics.compute_and_reset()["batch_shift"]) == 0.25
 
 
+def test_interval_partials_carry_host_and_device_clipped_counts_into_a_new_instance() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    metrics.update_shift(torch.tensor(0.75, dtype=F64))
+    metrics.add_clipped(3, 10)  # a host int, as the native CPU path counts
+    metrics.add_clipped(torch.tensor(2), 10)  # a tensor, as the torch path counts
+    partials = metrics.partials()
+    assert partials.tolist() == [0.75, 5.0, 20.0]
+    resumed = IntervalMetrics(torch.device("cpu"))
+    resumed.load_partials(partials)
+    # Reading without a reset keeps the interval open.
+    peek = metrics.compute(reset=False)
+    assert torch.equal(metrics.partials(), partials)
+    want, got = metrics.compute_and_reset(), resumed.compute_and_reset()
+    for key in ("batch_shift", "clip_fraction"):
+        assert float(peek[key]) == float(want[key]) == float(got[key])
+    assert float(want["clip_fraction"]) == 0.25
+    assert metrics.partials().tolist() == [-math.inf, 0.0, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        resumed.load_partials(torch.zeros(2))
+
+
 # ---------------------------------------------------------------------------- heatmap
 
 
