@@ -349,6 +349,8 @@ class PPORolloutDataset(IterableDataset):
         shuffle: shuffled minibatches (fancy indexing: copies); otherwise consecutive slices
             of the rollout buffer (views, as ``buffer[i : i + minibatch]`` gives).
         as_tuple: yield :class:`Transitions` named tuples instead of dicts.
+        as_list: yield the entries of :class:`Transitions` as a plain tuple, which the
+            DataLoader's default collate turns into a list (indices 0 to 3).
     """
 
     def __init__(
@@ -362,6 +364,7 @@ class PPORolloutDataset(IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         as_tuple: bool = False,
+        as_list: bool = False,
     ) -> None:
         self.num_rollouts = num_rollouts
         self.rollout_len = rollout_len
@@ -371,6 +374,7 @@ class PPORolloutDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.as_tuple = as_tuple
+        self.as_list = as_list
 
     @property
     def transitions(self) -> int:
@@ -412,8 +416,9 @@ class PPORolloutDataset(IterableDataset):
                     ]
                 for rows in minibatches:
                     fresh = torch.full((ids[rows].numel(),), epoch == 0)
-                    if self.as_tuple:
-                        yield Transitions(obs_t[rows], fresh, raw_obs_t[rows].clone(), ids[rows])
+                    if self.as_tuple or self.as_list:
+                        item = Transitions(obs_t[rows], fresh, raw_obs_t[rows].clone(), ids[rows])
+                        yield item if self.as_tuple else tuple(item)
                         continue
                     yield {
                         "obs": obs_t[rows],
@@ -455,7 +460,11 @@ class BatchKeyAgent(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         def entry(name: str) -> Tensor:
-            return getattr(batch, name) if isinstance(batch, tuple) else batch[name]
+            if isinstance(batch, tuple):
+                return getattr(batch, name)
+            if isinstance(batch, list):
+                return batch[Transitions._fields.index(name)]
+            return batch[name]
 
         norms = rlnorm.get_normalizer(self).normalizers
         for key in self.normalized_keys:
@@ -472,3 +481,65 @@ class BatchKeyAgent(LightningModule):
         obs = entry("obs")
         target = obs[:, 2:3]  # predict the normalized pole angle
         return (self.value(obs) - target).pow(2).mean()
+
+
+class StoredObs(NamedTuple):
+    """A one-entry named tuple batch (Lightning and ``default_convert`` keep its type)."""
+
+    obs: Tensor
+
+
+class StoredBatchDataset(torch.utils.data.Dataset):
+    """Serves the very tensors it stores, as ``DataLoader(batch_size=None)`` passes them on.
+
+    Each item is one stored ``(rows, 4)`` tensor of raw CartPole observations (a random
+    policy's), wrapped in the container ``container`` names: ``"dict"`` (``{"obs": t}``),
+    ``"list"`` (a plain tuple, which the default collate turns into a list) or
+    ``"namedtuple"`` (:class:`StoredObs`, kept as it is). Nothing is copied: writing into a
+    served tensor writes into the dataset.
+    """
+
+    def __init__(self, container: str, items: int = 1, rows: int = 16, seed: int = 0) -> None:
+        envs = make_cartpole_envs(rows)
+        raw, _ = envs.reset(seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.stored: list[Tensor] = []
+        for _ in range(items):
+            for _ in range(3):
+                raw, *_ = envs.step(torch.randint(0, 2, (rows,), generator=gen).numpy())
+            self.stored.append(torch.as_tensor(raw, dtype=torch.float32).clone())
+        envs.close()
+        self.container = container
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index: int) -> Any:
+        obs = self.stored[index]
+        if self.container == "dict":
+            return {"obs": obs}
+        if self.container == "list":
+            return (obs,)
+        return StoredObs(obs)
+
+
+class StoredBatchAgent(LightningModule):
+    """Records, per epoch, the observations ``training_step`` receives under ``batch_keys``."""
+
+    def __init__(self, dataset: StoredBatchDataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.value = nn.Linear(OBS_DIM, 1)
+        _small_init(self.value, 0)
+        self.seen: list[Tensor] = []  # (epoch-ordered) observations training_step received
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        obs = batch["obs"] if isinstance(batch, dict) else batch[0]
+        self.seen.append(obs.detach().clone())
+        return self.value(obs).pow(2).mean()

@@ -7,17 +7,26 @@ processes.
 1. Uneven data: rank ``r`` plays ``5 + 37 * r`` environments, so every ``update_obs`` call gets
    a different number of rows on each rank. Each rank writes what it fed the normalizer and its
    final normalizer state to ``OUTDIR/rank{r}.pt``; rank 0's TensorBoard logger writes under
-   ``OUTDIR/tb`` and the final checkpoint goes to ``OUTDIR/final.ckpt``.
+   ``OUTDIR/tb`` (every ``LOG_EVERY`` steps and at the end of each 3-step epoch) and the final
+   checkpoint goes to ``OUTDIR/final.ckpt``.
 2. Resume: with 3 environments per rank (different seeds per rank), an uninterrupted fit of
    ``RESUME_STEPS`` steps, and a fit of half of them saved to ``OUTDIR/half.ckpt`` then resumed
    by new Trainer/module/callback objects. Each rank writes the three final states to
    ``OUTDIR/resume{r}.pt``.
+3. One rank alone: after a barrier, rank 0 alone calls ``callback.state_dict()`` (in a thread,
+   given ``ONE_RANK_TIMEOUT_S``) while rank 1 runs no collective; rank 0 writes whether it
+   returned, and what, to ``OUTDIR/one_rank.pt``. A ``state_dict`` that waited for the other
+   rank would not return: rank 0 then records that and exits at once.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +40,7 @@ from agents import RolloutAgent, make_trainer
 BASE_ENVS, EXTRA_ENVS_PER_RANK = 5, 37
 ROLLOUT_LEN, MAX_STEPS, LOG_EVERY, GAMMA = 2, 6, 2, 0.95
 RESUME_STEPS, RESUME_ENVS, RESUME_ROLLOUT_LEN = 6, 3, 16
+ONE_RANK_TIMEOUT_S = 15.0
 
 
 def main(outdir: Path) -> None:
@@ -41,7 +51,7 @@ def main(outdir: Path) -> None:
         extra_envs_per_rank=EXTRA_ENVS_PER_RANK,
         rollout_len=ROLLOUT_LEN,
         gamma=GAMMA,
-        steps_per_epoch=2 * MAX_STEPS,
+        steps_per_epoch=MAX_STEPS,  # split over the 2 ranks: 3-step epochs
     )
     trainer = make_trainer(
         outdir,
@@ -65,6 +75,43 @@ def main(outdir: Path) -> None:
         outdir / f"rank{trainer.global_rank}.pt",
     )
     resume(outdir)
+    one_rank_state_dict(outdir, trainer, callback)
+
+
+def one_rank_state_dict(outdir: Path, trainer: Any, callback: rlnorm.NormalizerCallback) -> None:
+    trainer.strategy.barrier()  # the last collective both ranks run
+    done = outdir / "one_rank.pt"
+    if trainer.global_rank != 0:
+        deadline = time.monotonic() + ONE_RANK_TIMEOUT_S + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["state"] = callback.state_dict()
+        except BaseException as err:  # recorded for the test to show
+            result["error"] = repr(err)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(ONE_RANK_TIMEOUT_S)
+    state = result.get("state") or {}
+    assert callback.normalizers.reward is not None
+    record = {
+        "returned": not thread.is_alive(),
+        "seconds": time.monotonic() - start,
+        "error": result.get("error"),
+        "keys": sorted(state),
+        "returns": state["normalizers"]["reward.returns"].clone() if state else None,
+        "own_returns": callback.normalizers.reward.returns.detach().clone(),
+    }
+    torch.save(record, outdir / "one_rank.tmp")
+    os.replace(outdir / "one_rank.tmp", done)
+    if thread.is_alive():
+        os._exit(1)  # stuck in a collective: nothing else can run in this process group
 
 
 def _state(callback: rlnorm.NormalizerCallback) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -28,6 +28,8 @@ from agents import (
     PPORolloutDataset,
     RolloutAgent,
     SelfNormalizingAgent,
+    StoredBatchAgent,
+    StoredBatchDataset,
     ValidatingAgent,
     make_trainer,
 )
@@ -256,20 +258,18 @@ def test_tensorboard_event_files_hold_every_documented_tag_with_the_right_values
         assert math.isclose(last.max, float(values.max()), rel_tol=1e-6)
     images = events.Images("rlnorm/obs/drift_heatmap")
     assert [i.step for i in images] == logged_steps[1:]
-    # Rows are dimensions, the newest columns on the right; three drift columns so far (the
-    # first log has nothing to compare with), the rest of the history still grey.
-    layout = DriftHeatmap()
-    cell_w = layout.cell_width
-    pixels = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
-    assert pixels.shape == (images[-1].height, images[-1].width, 3)
-    assert pixels.shape[1] == layout.history * cell_w
-    assert pixels.shape[0] >= OBS_DIM
-    assert pixels.shape[0] % OBS_DIM == 0
-    grey_until = (layout.history - 3) * cell_w
-    assert (pixels[:, :grey_until] == 48).all()
-    assert not (pixels[:, grey_until:] == 48).all()
+    # Rows are dimensions, the newest columns on the right; one column per log with a previous
+    # log to compare with, and nothing drawn for logs still to come.
+    cell_w = DriftHeatmap().cell_width
+    for columns, image in enumerate(images, start=1):
+        pixels = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+        assert pixels.shape == (image.height, image.width, 3)
+        assert pixels.shape[1] == columns * cell_w
+        assert pixels.shape[0] >= OBS_DIM
+        assert pixels.shape[0] % OBS_DIM == 0
+        assert not (pixels == 48).all(axis=-1).any()  # no blank grey cells
     cell_h = pixels.shape[0] // OBS_DIM
-    first_row_cells = pixels[:cell_h, grey_until:]
+    first_row_cells = pixels[:cell_h]
     assert (first_row_cells == first_row_cells[:1, :1]).all(axis=-1).any()
 
 
@@ -312,6 +312,102 @@ def test_training_without_logger_runs_and_updates(tmp_path: Path) -> None:
     trainer.fit(RolloutAgent())
     assert trainer.loggers == []
     assert int(callback.normalizers.obs["obs"].count) == 4 * ROWS
+
+
+def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every ``rlnorm/*`` scalar event in a TensorBoard log directory, as ``(step, value)``."""
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("rlnorm/")
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # 50 steps between logs by default: the epoch end (step 2) and the end of fit (4).
+        ({"max_steps": 5}, {2: 3, 4: 5}),
+        # Step logs at the epoch ends' steps: each step is logged once.
+        ({"max_steps": -1, "max_epochs": 2, "log_every_n_steps": 3}, {2: 3, 5: 6}),
+        # Frozen through the second epoch: nothing changed, nothing more to log.
+        ({"max_steps": -1, "max_epochs": 2, "freeze_steps": (3, 4, 5)}, {2: 3}),
+    ],
+    ids=["stopped-mid-epoch", "interval-at-epoch-ends", "frozen-second-epoch"],
+)
+def test_short_runs_log_at_each_epoch_end_and_at_the_end_of_fit_once_per_step(
+    tmp_path: Path, options: dict[str, Any], expected: dict[int, int]
+) -> None:
+    options = dict(options)
+    agent = RolloutAgent(steps_per_epoch=3, freeze_steps=options.pop("freeze_steps", ()))
+    callback = NormalizerCallback(reward=True)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [callback], logger=logger, **options)
+    trainer.fit(agent)
+    # Read back after fit returned: the final point is in the event file.
+    scalars = _scalars(logger.log_dir)
+    for tag in ("obs", "reward"):
+        assert scalars[f"rlnorm/{tag}/count"] == [(s, n * ROWS) for s, n in expected.items()]
+        steps = [s for s, _ in scalars[f"rlnorm/{tag}/batch_shift"]]
+        assert steps == sorted(expected)
+    assert [s for s, _ in scalars.get("rlnorm/obs/drift/kl", [])] == sorted(expected)[1:]
+
+
+def test_resumed_runs_log_exactly_the_telemetry_of_the_uninterrupted_run(tmp_path: Path) -> None:
+    def run(
+        name: str, max_steps: int, ckpt_path: Path | None = None, every_n: int | None = None
+    ) -> tuple[EventAccumulator, Any]:
+        callback = NormalizerCallback(reward=True, clip=1.5, log_every_n_steps=3)
+        callbacks: list[Callback] = [callback]
+        if every_n is not None:
+            callbacks.append(
+                ModelCheckpoint(tmp_path / "ckpts", every_n_train_steps=every_n, save_top_k=-1)
+            )
+        logger = TensorBoardLogger(tmp_path, name=name)
+        trainer = make_trainer(
+            tmp_path,
+            callbacks,
+            max_steps=max_steps,
+            logger=logger,
+            enable_checkpointing=every_n is not None,
+        )
+        trainer.fit(RolloutAgent(steps_per_epoch=100), ckpt_path=ckpt_path)
+        events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        return events, trainer
+
+    def after(events: EventAccumulator, first: int) -> dict[str, Any]:
+        tags = events.Tags()
+        out: dict[str, Any] = {
+            tag: [(e.step, e.value) for e in events.Scalars(tag) if e.step >= first]
+            for tag in tags["scalars"]
+            if tag.startswith("rlnorm/")
+        }
+        for tag in tags["images"]:
+            out[tag] = [(e.step, e.encoded_image_string) for e in events.Images(tag)]
+            out[tag] = [(step, image) for step, image in out[tag] if step >= first]
+        return out
+
+    # Logs at steps 2, 5, 8 and the end of fit (9); checkpoints after 4 and 8 steps.
+    uninterrupted, _ = run("full", 10, every_n=4)
+    # Stopped after 7 steps (it logs its own final point at 6), checkpointed, resumed.
+    _, stopped = run("stopped", 7)
+    stopped.save_checkpoint(tmp_path / "stopped.ckpt")
+    after_stop, _ = run("after_stop", 10, ckpt_path=tmp_path / "stopped.ckpt")
+    # Resumed from the mid-interval checkpoint the uninterrupted run wrote after 4 steps.
+    mid = tmp_path / "ckpts" / "epoch=0-step=4.ckpt"
+    after_mid, _ = run("after_mid", 10, ckpt_path=mid)
+
+    for resumed, first in ((after_stop, 7), (after_mid, 4)):
+        want, got = after(uninterrupted, first), after(resumed, first)
+        assert got.keys() == want.keys()
+        logged = {step for step, _ in want["rlnorm/obs/batch_shift"]}
+        assert logged == {step for step in (5, 8, 9) if step >= first}
+        assert any(v > 0 for _, v in want["rlnorm/obs/clip_fraction"])
+        for tag in want:
+            assert got[tag] == want[tag], f"{tag} after resuming at step {first}"
 
 
 # ---------------------------------------------------------------------------- freezing
@@ -393,9 +489,9 @@ def test_freeze_and_unfreeze_pause_and_resume_updates(tmp_path: Path) -> None:
         ({}, "obs", "fresh", ("obs",)),
         ({}, ["obs", "next_obs"], "fresh", ("obs", "next_obs")),
         ({"shuffle": False}, "obs", "fresh", ("obs",)),
-        ({"shuffle": False, "as_tuple": True}, 0, 1, ("obs",)),
+        ({"shuffle": False, "as_list": True}, 0, 1, ("obs",)),
     ],
-    ids=["dict-shuffled", "dict-obs+next_obs", "dict-slices", "namedtuple-slices"],
+    ids=["dict-shuffled", "dict-obs+next_obs", "dict-slices", "list-slices"],
 )
 def test_batch_key_mode_counts_each_transition_once_under_ppo_replay(
     tmp_path: Path,
@@ -426,6 +522,57 @@ def test_batch_key_mode_counts_each_transition_once_under_ppo_replay(
     for rows in agent.fresh_obs:
         ref.update(rows)
     assert_state_equal(state_of(callback.normalizers.obs["obs"]), state_of(ref))
+
+
+class _PlainTuples:
+    """An iterable passed straight to ``fit(train_dataloaders=...)``: yields plain tuples."""
+
+    def __init__(self, stored: list[torch.Tensor]) -> None:
+        self.stored = stored
+
+    def __iter__(self) -> Any:
+        return iter([(obs,) for obs in self.stored])
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+
+@pytest.mark.parametrize("container", ["namedtuple", "plain-tuple"])
+def test_batch_keys_on_an_immutable_batch_raise_and_leave_the_stored_data_raw(
+    tmp_path: Path, container: str
+) -> None:
+    dataset = StoredBatchDataset("namedtuple", items=2)
+    raw = [t.clone() for t in dataset.stored]
+    callback = NormalizerCallback(OBS_DIM, batch_keys=0)
+    agent = StoredBatchAgent(dataset)
+    trainer = make_trainer(tmp_path, [callback], max_steps=-1, max_epochs=2)
+    loaders = None if container == "namedtuple" else _PlainTuples(dataset.stored)
+    name = "StoredObs" if container == "namedtuple" else "tuple"
+    with pytest.raises(TypeError, match=rf"entry 0 .* of a {name} batch.*dicts or lists"):
+        trainer.fit(agent, train_dataloaders=loaders)
+    # Nothing was learned from the batch it refused, and the dataset's tensors are untouched.
+    assert int(callback.normalizers.obs["obs"].count) == 0
+    for stored, original in zip(dataset.stored, raw, strict=True):
+        assert torch.equal(stored, original)
+
+
+@pytest.mark.parametrize("container", ["dict", "list"])
+def test_batch_keys_on_the_datasets_own_tensors_keep_them_raw_across_epochs(
+    tmp_path: Path, container: str
+) -> None:
+    dataset = StoredBatchDataset(container, items=1)
+    raw = dataset.stored[0].clone()
+    key = "obs" if container == "dict" else 0
+    # One batch per epoch; statistics learned in the first epoch only (`until`).
+    callback = NormalizerCallback(OBS_DIM, batch_keys=key, until=raw.shape[0])
+    agent = StoredBatchAgent(dataset)
+    make_trainer(tmp_path, [callback], max_steps=-1, max_epochs=3).fit(agent)
+    assert torch.equal(dataset.stored[0], raw)  # the stored data stayed raw
+    assert len(agent.seen) == 3
+    expected = callback.normalizers.normalize_obs(raw)
+    assert not torch.equal(expected, raw)
+    for seen in agent.seen:  # each epoch normalized the raw data once, the same way
+        assert torch.equal(seen, expected)
 
 
 # ---------------------------------------------------------------------------- several instances
@@ -534,6 +681,43 @@ def test_inferred_shapes_are_restored_from_a_checkpoint_before_any_data(tmp_path
     assert bare.normalizers.reward is not None
     assert bare.normalizers.reward.num_envs == NUM_ENVS
     assert_state_equal(state_of(bare.normalizers), state_of(callback.normalizers))
+
+
+def test_states_written_before_telemetry_was_checkpointed_still_load_and_resume(
+    tmp_path: Path,
+) -> None:
+    callback = NormalizerCallback(reward=True, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4, logger=CSVLogger(tmp_path, "a"))
+    trainer.fit(RolloutAgent())
+    checkpoint = torch.load(_save(trainer, tmp_path / "new.ckpt"), weights_only=True)
+    state = checkpoint["callbacks"][callback.state_key]
+    assert set(state["telemetry"]) == {
+        "last_logged_step",
+        "logged_counts",
+        "interval",
+        "heatmaps",
+    }
+    del state["telemetry"]  # as schema-1 states of earlier rlnorm releases are
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+
+    bare = NormalizerCallback(reward=True)
+    bare.load_state_dict(state)
+    assert_state_equal(state_of(bare.normalizers), state_of(callback.normalizers))
+    resumed = NormalizerCallback(reward=True, log_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="b")
+    make_trainer(tmp_path, [resumed], max_steps=6, logger=logger).fit(
+        RolloutAgent(), ckpt_path=older
+    )
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["rlnorm/obs/count"]]
+    assert [(int(r["step"]), float(r["rlnorm/obs/count"])) for r in rows] == [(5, 6 * ROWS)]
+    assert rows[0]["rlnorm/obs/drift/kl"]  # drift from the restored last log
+
+
+def _save(trainer: Any, path: Path) -> Path:
+    trainer.save_checkpoint(path)
+    return path
 
 
 # ---------------------------------------------------------------------------- configure_callbacks

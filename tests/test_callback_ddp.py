@@ -129,7 +129,8 @@ def test_only_rank_zero_writes_tensorboard_events_with_the_reduced_figures(ddp_r
     events.Reload()
     counts = {e.step: e.value for e in events.Scalars("rlnorm/obs/count")}
     union_rows = ROLLOUT_LEN * (2 * BASE_ENVS + EXTRA_ENVS_PER_RANK)
-    assert counts == {s: union_rows * (s + 1) for s in (1, 3, 5)}
+    # Every 2 steps, and at the end of the first 3-step epoch (the second ends at a logged step).
+    assert counts == {s: union_rows * (s + 1) for s in (1, 2, 3, 5)}
     for tag in ("batch_shift", "clip_fraction", "drift/kl"):
         assert f"rlnorm/obs/{tag}" in events.Tags()["scalars"]
     assert "rlnorm/obs/mean_hist" in events.Tags()["histograms"]
@@ -156,3 +157,31 @@ def test_ddp_resume_ends_bitwise_equal_to_an_uninterrupted_run_on_every_rank(
             assert torch.equal(value, result["resumed"][key]), (
                 f"rank {rank}, {key}: uninterrupted {value} != resumed {result['resumed'][key]}"
             )
+
+
+def test_state_dict_called_on_rank_zero_alone_returns_promptly_with_its_own_returns(
+    ddp_run: dict,
+) -> None:
+    record = _load(ddp_run, "one_rank.pt")
+    assert record["returned"], (
+        f"rank 0's state_dict() did not return within {record['seconds']:.0f} s while rank 1 "
+        "ran no collective: it waits for the other ranks"
+    )
+    assert record["error"] is None
+    assert record["seconds"] < 5.0
+    assert "reward_returns_by_rank" not in record["keys"]  # added only in checkpoints
+    assert torch.equal(record["returns"], record["own_returns"])
+
+
+def test_ddp_checkpoint_holds_every_ranks_own_reward_returns(ddp_run: dict) -> None:
+    checkpoint = torch.load(ddp_run["outdir"] / "final.ckpt", weights_only=True)
+    (state,) = [
+        value for value in checkpoint["callbacks"].values() if "reward_returns_by_rank" in value
+    ]
+    by_rank = state["reward_returns_by_rank"]
+    assert len(by_rank) == 2
+    for rank, returns in zip(ddp_run["ranks"], by_rank, strict=True):
+        assert returns.shape == (rank["num_envs"],)
+        assert torch.equal(returns, rank["state"]["reward.returns"])
+    # The reduced telemetry interval travels with it.
+    assert set(state["telemetry"]["interval"]) == {"obs", "reward"}

@@ -180,6 +180,27 @@ def test_interval_metrics_ignore_nan_shifts() -> None:
     assert float(metrics.compute_and_reset()["batch_shift"]) == 0.25
 
 
+def test_interval_partials_carry_host_and_device_clipped_counts_into_a_new_instance() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    metrics.update_shift(torch.tensor(0.75, dtype=F64))
+    metrics.add_clipped(3, 10)  # a host int, as the native CPU path counts
+    metrics.add_clipped(torch.tensor(2), 10)  # a tensor, as the torch path counts
+    partials = metrics.partials()
+    assert partials.tolist() == [0.75, 5.0, 20.0]
+    resumed = IntervalMetrics(torch.device("cpu"))
+    resumed.load_partials(partials)
+    # Reading without a reset keeps the interval open.
+    peek = metrics.compute(reset=False)
+    assert torch.equal(metrics.partials(), partials)
+    want, got = metrics.compute_and_reset(), resumed.compute_and_reset()
+    for key in ("batch_shift", "clip_fraction"):
+        assert float(peek[key]) == float(want[key]) == float(got[key])
+    assert float(want["clip_fraction"]) == 0.25
+    assert metrics.partials().tolist() == [-math.inf, 0.0, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        resumed.load_partials(torch.zeros(2))
+
+
 # ---------------------------------------------------------------------------- heatmap
 
 
@@ -204,7 +225,7 @@ def test_drift_heatmap_image_shape_dtype_and_layout() -> None:
     assert img.dtype == torch.uint8
     channels, height, width = img.shape
     assert channels == 3
-    assert width == heatmap.history * heatmap.cell_width
+    assert width == 2 * heatmap.cell_width  # the two columns logged, nothing else
     assert height >= heatmap.min_height
     assert height % 4 == 0
     cell_h, cell_w = height // 4, heatmap.cell_width
@@ -221,8 +242,44 @@ def test_drift_heatmap_image_shape_dtype_and_layout() -> None:
     assert cell(2, previous) == bright  # and above it clamps
     assert cell(0, newest) == bright
     assert cell(2, newest) == dark  # exactly at the floor
-    # Columns not logged yet are grey.
-    assert (img[:, :, :previous] == 48).all()
+    assert previous == 0
+
+
+def test_drift_heatmap_draws_only_the_columns_logged_so_far_up_to_its_history() -> None:
+    heatmap = DriftHeatmap(history=8, max_dims=5)
+    for logged in range(1, 13):
+        heatmap.add(torch.full((3,), 0.5))
+        img = heatmap.image()
+        assert img is not None
+        assert img.shape[2] == min(logged, 8) * heatmap.cell_width
+        assert not (img == 48).all(dim=0).any()  # no blank (grey) columns
+    # A provisional column is drawn after the stored ones, scrolling, and not stored.
+    with_extra = heatmap.image(extra=torch.full((3,), 10.0))
+    assert with_extra is not None
+    assert with_extra.shape[2] == 8 * heatmap.cell_width
+    assert with_extra[:, 0, -1].tolist() == [253, 231, 37]
+    assert len(heatmap.columns) == 8
+    fresh = DriftHeatmap(history=8, max_dims=5)
+    fresh_img = fresh.image(extra=torch.full((3,), 0.5))
+    assert fresh_img is not None
+    assert fresh_img.shape[2] == fresh.cell_width
+    assert fresh.image() is None
+
+
+def test_drift_heatmap_state_round_trips_the_columns() -> None:
+    heatmap = DriftHeatmap(history=4, max_dims=3)
+    for i in range(6):
+        heatmap.add(torch.arange(5, dtype=F64) + i)
+    restored = DriftHeatmap(history=4, max_dims=3)
+    restored.load_state_dict(heatmap.state_dict())
+    assert heatmap.state_dict().shape == (4, 3)
+    image, again = heatmap.image(), restored.image()
+    assert image is not None
+    assert again is not None
+    assert torch.equal(image, again)
+    empty = DriftHeatmap()
+    empty.load_state_dict(DriftHeatmap().state_dict())
+    assert empty.image() is None
 
 
 def test_drift_heatmap_keeps_the_last_history_columns_and_max_dims_rows() -> None:

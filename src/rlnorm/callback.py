@@ -42,16 +42,21 @@ class NormalizerCallback(Callback):
     buffer broadcast cannot overwrite them) and identical on every rank (each update is
     reduced over ``torch.distributed``), freezes them outside the training loop (validation,
     test, predict, the sanity check) and after ``until`` samples, logs drift metrics under
-    ``<name>/obs/...`` and ``<name>/reward/...`` every ``log_every_n_steps``, and saves its
-    state in checkpoints so that resuming, evaluating (:func:`rlnorm.load_normalizers`) and
-    exporting use exactly the statistics the policy was trained with.
+    ``<name>/obs/...`` and ``<name>/reward/...`` every ``log_every_n_steps``, at the end of
+    every training epoch and at the end of ``fit`` (whenever the statistics changed since the
+    last log), and saves its state in checkpoints so that resuming, evaluating
+    (:func:`rlnorm.load_normalizers`) and exporting use exactly the statistics the policy was
+    trained with, and a resumed run logs exactly the telemetry of an uninterrupted one.
 
     Rollout code reaches it with one line, ``norm = rlnorm.get_normalizer(self)``, and calls
     :meth:`update_obs` once per collected transition, :meth:`normalize_obs` before the policy
     sees an observation, and :meth:`normalize_rewards` (update and scale in one step) before
     returns and advantages are computed. Modules whose batches still carry raw observations
     can instead name the entries in ``batch_keys``: they are updated from and normalized in
-    ``on_train_batch_start``, before ``training_step`` sees the batch.
+    ``on_train_batch_start``, before ``training_step`` sees the batch. The callback replaces
+    the entries of the batch (a dict or a list) and never writes into the tensors, which may
+    be the dataset's own storage; batches whose entries cannot be replaced (tuples, named
+    tuples) raise a ``TypeError``.
 
     Args:
         obs_shape: feature shape of one observation; a dict of shapes for dict observations;
@@ -76,14 +81,16 @@ class NormalizerCallback(Callback):
         sync: reduce updates over ``torch.distributed`` (off only for per-rank statistics).
         prior_weight: weight of a fake prior (mean 0, variance 1) every statistic starts
             from; ``1e-4`` reproduces Stable-Baselines3 ``VecNormalize``, ``0.0`` is none.
-        batch_keys: batch entries (dict keys or tuple/list indices) holding raw observations
+        batch_keys: batch entries (dict keys or list indices) holding raw observations
             to update from and normalize in ``on_train_batch_start``. Statistics are learned
             from the first entry only; further ones (e.g. ``"next_obs"``) are normalized with
             the same statistics.
         update_mask_key: batch entry with a per-row bool mask of the rows to learn from, for
             datasets that serve each transition several times (PPO epochs, replay buffers):
             set it ``True`` on a transition's first pass only.
-        log_every_n_steps: logging interval in batches; ``None`` uses the trainer's.
+        log_every_n_steps: logging interval in optimizer steps; ``None`` uses the trainer's.
+            Whatever the interval, the figures are also logged at the end of each training
+            epoch and at the end of ``fit`` if the statistics changed since the last log.
         log_histograms: with a TensorBoard logger, also write histograms of the per-dimension
             mean and std and a drift heatmap image.
         device: where the statistics live; ``None`` follows the LightningModule's device.
@@ -166,8 +173,14 @@ class NormalizerCallback(Callback):
         # `ddp_spawn`, tensors made here would be shared memory between the workers).
         self._normalizers: Normalizers | None = None
         self._trainer: Trainer | None = None
+        # Telemetry state, all of it checkpointed (see `state_dict`): the interval aggregates
+        # (`_interval`, or `_pending_interval` until the metrics are rebuilt on the right
+        # device), the statistics, step and counts of the last log, the heatmap history.
         self._interval: dict[str, IntervalMetrics] = {}
+        self._pending_interval: dict[str, Tensor] = {}
         self._last_logged: dict[str, Moments] = {}
+        self._last_logged_step: int | None = None
+        self._logged_counts: dict[str, tuple[int, int]] = {}
         self._heatmaps: dict[str, DriftHeatmap] = {}
         # Statistics to start from (`from_normalizers`), loaded at `setup`.
         self._initial_state: dict[str, Any] | None = None
@@ -337,6 +350,10 @@ class NormalizerCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = self.device or pl_module.device
         self.normalizers.to(device)
+        # The open interval carries over (from a checkpoint or an earlier fit); its metrics are
+        # rebuilt on the statistics' device when next used.
+        for tag, metrics in self._interval.items():
+            self._pending_interval[tag] = metrics.partials().cpu()
         self._interval.clear()
         self._last_logged = {tag: _to(m, device) for tag, m in self._last_logged.items()}
 
@@ -346,12 +363,15 @@ class NormalizerCallback(Callback):
     ) -> None:
         if not self.batch_keys:
             return
+        # Checked before anything changes: a batch that cannot take the result is not learned.
+        _check_replaceable(batch, self.batch_keys)
         mask = None if self.update_mask_key is None else _get(batch, self.update_mask_key)
         first = self.batch_keys[0]
         if self.updates_enabled:
             self.update_obs(_get(batch, first), mask)
         for key in self.batch_keys:
-            _set(batch, key, self.normalize_obs(_get(batch, key)))
+            # A new entry: the old tensor (maybe the dataset's own storage) stays raw.
+            batch[key] = self.normalize_obs(_get(batch, key))
 
     @override
     def on_train_batch_end(
@@ -370,6 +390,17 @@ class NormalizerCallback(Callback):
         if loop._should_accumulate():  # log once per optimizer step, as Lightning does
             return
         self._log(trainer, step)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Only where the epoch's data ran out: an epoch cut short (max_steps, a stop signal)
+        # ends the fit, which `on_train_end` logs.
+        if trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            self._log_if_changed(trainer, final=False)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_if_changed(trainer, final=True)
 
     @override
     def on_load_checkpoint(
@@ -393,15 +424,49 @@ class NormalizerCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._normalizers is None:
             return {}
+        # Local: no collective, so any rank may call it alone. The reward returns in it are this
+        # rank's; `on_save_checkpoint` adds every rank's when Lightning writes a checkpoint.
         norms = self._normalizers
         return {
             **_statistics_state(norms),
             "rlnorm_version": __version__,
             "name": self.name,
             "config": self.config.to_dict(),
-            "reward_returns_by_rank": _gather_returns(norms),
             "last_logged": {tag: m._asdict() for tag, m in self._last_logged.items()},
+            "telemetry": self._telemetry_state(),
         }
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Add what differs by rank to the state ``state_dict`` put in the checkpoint.
+
+        Lightning calls this on every rank while writing a checkpoint (after the callbacks'
+        ``state_dict``), so the collectives here, through ``trainer.strategy``, are matched:
+        every rank's reward returns go to ``reward_returns_by_rank`` (each rank resumes its
+        own), and the open telemetry interval is reduced over the ranks (rank zero resumes it).
+        """
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None or self._normalizers is None:
+            return
+        norms = self._normalizers
+        world_size = trainer.world_size
+        if norms.reward is not None:
+            returns = norms.reward.returns.detach()
+            if world_size > 1:
+                state["reward_returns_by_rank"] = _all_gather_uneven(trainer, returns)
+            else:
+                state["reward_returns_by_rank"] = [returns.cpu().clone()]
+        tags = sorted(norms.named_normalizers())
+        if world_size > 1 and tags:
+            local = torch.stack([self._metrics(tag).partials() for tag in tags])
+            gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device))
+            reduced = torch.stack(
+                [gathered[..., 0].amax(0), gathered[..., 1].sum(0), gathered[..., 2].sum(0)],
+                dim=-1,
+            ).cpu()
+            state["telemetry"]["interval"] = dict(zip(tags, reduced.unbind(0), strict=True))
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -436,6 +501,7 @@ class NormalizerCallback(Callback):
         self._last_logged = {
             tag: _to(Moments(**m), device) for tag, m in state_dict.get("last_logged", {}).items()
         }
+        self._load_telemetry(state_dict.get("telemetry"))
 
     @override
     def on_exception(
@@ -474,10 +540,84 @@ class NormalizerCallback(Callback):
         if metrics is None:
             device = self.normalizers.named_normalizers()[tag].mean.device
             metrics = self._interval[tag] = IntervalMetrics(device)
+            pending = self._pending_interval.pop(tag, None)
+            if pending is not None:
+                metrics.load_partials(pending)
         return metrics
 
-    def _log(self, trainer: Trainer, step: int) -> None:
-        """Compute every figure (collectives included, on all ranks) and write on rank zero."""
+    def _counts(self) -> dict[str, tuple[int, int]]:
+        """Samples and non-finite rows seen per statistic: equal on every rank when synced."""
+        return {
+            tag: (int(norm.moments.count), int(norm.nonfinite_count))
+            for tag, norm in self.normalizers.named_normalizers().items()
+        }
+
+    def _telemetry_state(self) -> dict[str, Any]:
+        """Everything the next logged figures depend on, besides ``last_logged``."""
+        interval = dict(self._pending_interval)
+        interval.update({tag: m.partials().cpu() for tag, m in self._interval.items()})
+        return {
+            "last_logged_step": self._last_logged_step,
+            "logged_counts": {tag: list(c) for tag, c in self._logged_counts.items()},
+            "interval": interval,
+            "heatmaps": {tag: h.state_dict() for tag, h in self._heatmaps.items()},
+        }
+
+    def _load_telemetry(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`_telemetry_state`; states written before it existed start afresh."""
+        self._interval.clear()
+        self._pending_interval = {}
+        self._heatmaps = {}
+        if state is None:  # an older checkpoint: what it implies
+            self._last_logged_step = None
+            nonfinite = {tag: c[1] for tag, c in self._counts().items()}
+            self._logged_counts = {
+                tag: (int(m.count), nonfinite.get(tag, 0)) for tag, m in self._last_logged.items()
+            }
+            return
+        step = state.get("last_logged_step")
+        self._last_logged_step = None if step is None else int(step)
+        self._logged_counts = {
+            tag: (int(c[0]), int(c[1])) for tag, c in state.get("logged_counts", {}).items()
+        }
+        # The interval saved with a checkpoint is the sum over all ranks: one rank resumes it.
+        rank = dist.get_rank() if is_distributed() else 0
+        if rank == 0:
+            self._pending_interval = {
+                tag: t.detach().cpu() for tag, t in state.get("interval", {}).items()
+            }
+        for tag, columns in state.get("heatmaps", {}).items():
+            heatmap = self._heatmaps[tag] = DriftHeatmap()
+            heatmap.load_state_dict(columns)
+
+    def _log_if_changed(self, trainer: Trainer, final: bool) -> None:
+        """Log at the last step if the statistics changed since the last log, and not twice.
+
+        The decision rests on replicated facts (the step, and the counts, agreed over the ranks
+        in case they are not synced) because logging runs collectives on every rank.
+        """
+        if not trainer.loggers or self._normalizers is None:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
+        if step < 0 or step == self._last_logged_step:
+            return
+        counts = self._counts()
+        changed = any(counts[tag] != self._logged_counts.get(tag, (0, 0)) for tag in counts)
+        if trainer.world_size > 1:
+            changed = trainer.strategy.reduce_boolean_decision(changed, all=False)
+        if changed:
+            self._log(trainer, step, final=final)
+
+    def _log(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        """Compute every figure (collectives included, on all ranks) and write on rank zero.
+
+        Args:
+            trainer: the trainer whose loggers receive the figures.
+            step: the step to log at.
+            final: the point logged where the fit ends: it reads the figures without starting
+                a new interval, so that a run resumed from a checkpoint written now logs what
+                an uninterrupted run logs.
+        """
         metrics: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
         images: dict[str, Tensor] = {}
@@ -489,19 +629,27 @@ class NormalizerCallback(Callback):
             if last is not None and last.mean.shape == state.mean.shape:
                 figures.update(drift(last, state))
                 heatmap = self._heatmaps.setdefault(tag, DriftHeatmap())
-                heatmap.add(per_dim_drift(last, state))
-                image = heatmap.image()
+                column = per_dim_drift(last, state)
+                if final:
+                    image = heatmap.image(extra=column)
+                else:
+                    heatmap.add(column)
+                    image = heatmap.image()
                 if image is not None:
                     images[f"{prefix}/drift_heatmap"] = image
-            figures.update(self._metrics(tag).compute_and_reset())
+            figures.update(self._metrics(tag).compute(reset=not final))
             figures["nonfinite_rows"] = norm.nonfinite_count
-            self._last_logged[tag] = state
+            if not final:
+                self._last_logged[tag] = state
             for key, value in figures.items():
                 value = float(value)
                 if value == value:  # NaN: no data in this interval
                     metrics[f"{prefix}/{key}"] = value
             histograms[f"{prefix}/mean"] = state.mean.reshape(-1)
             histograms[f"{prefix}/std"] = state.var.sqrt().reshape(-1)
+        if not final:
+            self._last_logged_step = step
+            self._logged_counts = self._counts()
         self._write(trainer, step, metrics, histograms, images)
 
     @rank_zero_only
@@ -660,20 +808,19 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
     raise LookupError(f"Several NormalizerCallbacks are attached ({names}); pass `name=`.")
 
 
-def _gather_returns(norms: Normalizers) -> list[Tensor] | None:
-    """Every rank's per-environment returns (they differ by rank; the statistics do not).
+def _all_gather_uneven(trainer: Trainer, tensor: Tensor) -> list[Tensor]:
+    """Every rank's 1-D ``tensor`` (lengths may differ), on the CPU, through the strategy.
 
-    ``state_dict`` runs on every rank when Lightning saves a checkpoint, so this collective
-    is matched on all of them.
+    A collective: call it on every rank.
     """
-    if norms.reward is None:
-        return None
-    returns = norms.reward.returns.detach().cpu().clone()
-    if not norms.config.sync or not is_distributed():
-        return [returns]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, returns)
-    return gathered
+    device = trainer.strategy.root_device
+    flat = tensor.detach().reshape(-1)
+    size = torch.tensor([flat.numel()], device=device)
+    sizes = [int(n) for n in trainer.strategy.all_gather(size).reshape(-1)]
+    padded = torch.zeros(max(sizes), dtype=flat.dtype, device=device)
+    padded[: flat.numel()] = flat
+    gathered = trainer.strategy.all_gather(padded).reshape(len(sizes), -1).cpu()
+    return [row[:n].clone() for row, n in zip(gathered, sizes, strict=True)]
 
 
 def _with_own_returns(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -718,18 +865,15 @@ def _get(batch: Any, key: BatchKey) -> Any:
         ) from None
 
 
-def _set(batch: Any, key: BatchKey, value: Any) -> None:
+def _check_replaceable(batch: Any, keys: Sequence[BatchKey]) -> None:
+    """Raise unless ``batch`` is a container whose entries can be replaced (dict or list)."""
     if isinstance(batch, (MutableMapping, MutableSequence)):
-        batch[key] = value
-        return
-    target = batch[key]
-    if isinstance(target, Tensor) and isinstance(value, Tensor):
-        # Tuples cannot take a new entry. Re-point the tensor object at the normalized data
-        # instead of writing into it: it may be a view of the dataset's own storage, which
-        # must stay raw for the next epoch.
-        target.data = value
         return
     raise TypeError(
-        f"Cannot write normalized batch entry {key!r} into a {type(batch).__name__} holding "
-        f"{type(target).__name__}; yield batches as dicts or lists."
+        f"NormalizerCallback cannot normalize batch entry {keys[0]!r} (from `batch_keys`) of a "
+        f"{type(batch).__name__} batch: its entries cannot be replaced, and writing into the "
+        "tensor would change the data the dataset serves (normalizing it again the next epoch). "
+        "Yield batches as dicts or lists (the DataLoader's default collate turns plain tuples "
+        "into lists, not named tuples), or drop `batch_keys` and call "
+        "`rlnorm.get_normalizer(self).normalize_obs(...)` in `training_step`."
     )

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 from torch import Tensor
-from torchmetrics.aggregation import MaxMetric, MeanMetric
+from torchmetrics.aggregation import MaxMetric, SumMetric
 
 from rlnorm.moments import Moments
 
@@ -83,11 +83,13 @@ class IntervalMetrics:
     """Per-interval aggregates of one normalizer, reduced across ranks at ``compute``.
 
     - ``batch_shift``: the largest :func:`batch_shift` of any update in the interval;
-    - ``clip_fraction``: share of normalized values at ``±clip`` over all normalize calls.
+    - ``clip_fraction``: share of normalized values at ``±clip`` over all normalize calls
+      (clipped values summed over ranks, divided by all values summed over ranks).
 
     Each call only folds its figure into a running max or sum (one or two small tensor ops on
     the hot path); at the end of the interval the partial aggregates go through torchmetrics,
-    whose ``compute`` reduces them over all ranks.
+    whose ``compute`` reduces them over all ranks. The partial aggregates are the whole state:
+    :meth:`partials` and :meth:`load_partials` carry an interval across a checkpoint.
 
     Args:
         device: where the metric states live (the normalizer's device).
@@ -96,7 +98,10 @@ class IntervalMetrics:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.batch_shift = MaxMetric(nan_strategy="ignore").to(device)
-        self.clip_fraction = MeanMetric(nan_strategy="ignore").to(device)
+        # Integer-valued float64 sums: exact, so the fraction does not depend on how the
+        # values were split between ranks (or between a checkpoint and the resumed run).
+        self.clipped = SumMetric(nan_strategy="ignore").set_dtype(torch.float64).to(device)
+        self.values = SumMetric(nan_strategy="ignore").set_dtype(torch.float64).to(device)
         self._reset_partials()
 
     def _reset_partials(self) -> None:
@@ -125,25 +130,59 @@ class IntervalMetrics:
             self._clipped_host += clipped
         self._values += values
 
-    def compute_and_reset(self) -> dict[str, Tensor]:
+    def partials(self) -> Tensor:
+        """This rank's interval so far: float64 ``[max batch shift, clipped, values]``.
+
+        The max is ``-inf`` when no update was recorded. Counts are exact below 2**53.
+        """
+        return torch.stack(
+            [
+                self._shift_max,
+                self._clipped + self._clipped_host,
+                torch.tensor(float(self._values), dtype=torch.float64, device=self.device),
+            ]
+        )
+
+    def load_partials(self, partials: Tensor) -> None:
+        """Continue the interval :meth:`partials` returned (here or in an earlier run)."""
+        if not isinstance(partials, Tensor) or partials.shape != (3,):
+            raise ValueError(f"Interval partials must be a tensor of shape (3,), got {partials!r}.")
+        values = partials.detach().to(self.device, torch.float64)
+        self._shift_max = values[0].clone()
+        self._clipped = values[1].clone()
+        self._clipped_host = 0
+        self._values = int(values[2])
+
+    def compute(self, reset: bool = True) -> dict[str, Tensor]:
         """Interval figures, reduced over ranks (a collective: call it on every rank).
 
         Figures without data in the interval on any rank come back as NaN; callers skip them.
+
+        Args:
+            reset: start a new interval afterwards; ``False`` only reads the figures so far.
         """
         nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
         self.batch_shift.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
-        values = max(self._values, 1)
-        fraction = (self._clipped + self._clipped_host) / values
-        self.clip_fraction.update(fraction if self._values else nan, weight=float(values))
+        self.clipped.update(self._clipped + self._clipped_host)
+        self.values.update(
+            torch.tensor(float(self._values), dtype=torch.float64, device=self.device)
+        )
         with warnings.catch_warnings():
             # A rank whose interval had no data contributes NaN, which the metrics ignore.
             warnings.filterwarnings("ignore", message=".*Encountered.*nan.*")
             shift = self.batch_shift.compute()
-            clip_fraction = self.clip_fraction.compute()
-        self.batch_shift.reset()
-        self.clip_fraction.reset()
-        self._reset_partials()
+            clipped = self.clipped.compute()
+            values = self.values.compute()
+        for metric in (self.batch_shift, self.clipped, self.values):
+            metric.reset()
+        if reset:
+            self._reset_partials()
+        fraction = clipped.to(torch.float64) / values.to(torch.float64).clamp_min(1.0)
         return {
             "batch_shift": torch.where(torch.isinf(shift), torch.nan, shift),
-            "clip_fraction": clip_fraction,
+            "clip_fraction": torch.where(values > 0, fraction, torch.nan),
         }
+
+    def compute_and_reset(self) -> dict[str, Tensor]:
+        """:meth:`compute`, then start a new interval."""
+        return self.compute(reset=True)
