@@ -244,6 +244,8 @@ def test_ddp_config_trains_two_processes_with_statistics_over_both_ranks(tmp_pat
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # The closing line comes from rank zero alone (and must not wait on the other rank).
+    assert result.stdout.count("rlnorm: fit done: 512 env steps") == 1, result.stdout[-3000:]
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     # 512 steps over both ranks: each rank ran 4 rollouts of 2 envs x 32 steps.

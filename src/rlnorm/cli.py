@@ -243,7 +243,9 @@ def fit_summary(trainer: pl.Trainer, model: pl.LightningModule) -> str:
     if isinstance(checkpoint, ModelCheckpoint):
         ckpt_path = checkpoint.last_model_path or checkpoint.best_model_path or None
     parts.append(f"checkpoint {_shown(ckpt_path) if ckpt_path else 'none'}")
-    parts.append(f"logs {_shown(trainer.log_dir) if trainer.log_dir else 'none'}")
+    # The logger's own log_dir: Trainer.log_dir broadcasts, and only rank zero gets here.
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    parts.append(f"logs {_shown(log_dir) if log_dir else 'none'}")
     return "rlnorm: fit done: " + "; ".join(parts)
 
 
