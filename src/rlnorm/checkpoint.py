@@ -98,7 +98,7 @@ def checkpoint_in_directory(directory: str | os.PathLike[str]) -> Path | None:
     places = [directory, directory / "checkpoints"]
     versions = sorted(
         (d for d in (directory / "lightning_logs").glob("version_*") if d.is_dir()),
-        key=lambda d: int(d.name[len("version_") :]) if d.name[8:].isdigit() else -1,
+        key=lambda d: int(number) if (number := d.name.removeprefix("version_")).isdigit() else -1,
     )
     if versions:
         places.append(versions[-1] / "checkpoints")
