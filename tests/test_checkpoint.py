@@ -214,6 +214,27 @@ def test_load_normalizers_missing_file_names_the_path(tmp_path: Path) -> None:
         rlnorm.load_normalizers(path)
 
 
+def test_load_normalizers_on_a_run_directory_says_so_and_names_the_last_ckpt_in_it(
+    tmp_path: Path,
+) -> None:
+    checkpoints = tmp_path / "lightning_logs" / "version_3" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (tmp_path / "lightning_logs" / "version_10" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "lightning_logs" / "version_10" / "checkpoints" / "last.ckpt").touch()
+    (checkpoints / "last.ckpt").touch()
+    newest = tmp_path / "lightning_logs" / "version_10" / "checkpoints" / "last.ckpt"
+    for directory, inside in (
+        (tmp_path, newest),  # the newest version by number, not by name
+        (checkpoints.parent, checkpoints / "last.ckpt"),
+        (checkpoints, checkpoints / "last.ckpt"),
+    ):
+        with pytest.raises(FileNotFoundError) as info:
+            rlnorm.load_normalizers(directory)
+        message = str(info.value)
+        assert f"'{directory}' is a directory, not a checkpoint file" in message
+        assert f"'{inside}'" in message
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "zeroed-middle"])
 def test_load_normalizers_damaged_file_is_a_value_error_naming_it(
     trained: dict, tmp_path: Path, damage: str

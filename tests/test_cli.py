@@ -85,7 +85,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``rlnorm fit`` on configs/cartpole.yaml, tiny, in-process; logs every 2 steps.
 
     (With the command's default ``log_every_n_steps=5`` a run of 8 steps logs no scalar at
-    all, so the tags could not be checked.)
+    all, so the tags could not be checked.) A periodic checkpoint every 3 of its 8 steps: the
+    run's length is not a multiple of the checkpoint interval.
     """
     root = tmp_path_factory.mktemp("fit")
     progress = io.StringIO()
@@ -102,6 +103,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "3",
                 "--trainer.log_every_n_steps",
                 "2",
+                "--checkpoint.every_n_train_steps",
+                "3",
             ]
         )
     run_dir = root / "lightning_logs" / "version_0"
@@ -147,6 +150,42 @@ def test_fit_logs_rlnorm_obs_drift_and_episode_return_tags_to_tensorboard(fitted
 
 def test_fit_progress_bar_shows_episode_return(fitted):
     assert "episode_return=" in fitted["stdout"]
+
+
+def test_last_ckpt_holds_the_end_of_a_run_whose_length_is_not_a_multiple_of_the_interval(fitted):
+    # 8 steps, a checkpoint every 3: Lightning alone leaves last.ckpt at step 6 (384 env steps).
+    periodic = [p.name for p in fitted["ckpt"].parent.glob("epoch=*.ckpt")]
+    assert periodic == ["epoch=0-step=6.ckpt"]
+    checkpoint = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 8
+    assert checkpoint["rlnorm_ppo"] == {"env_steps": 512}
+    stats = rlnorm.load_normalizers(fitted["ckpt"]).named_normalizers()
+    assert int(stats["obs"].count) == 512
+    assert int(stats["reward"].count) == 512
+
+
+def test_fit_ends_with_one_line_giving_return_env_steps_checkpoint_and_logs(fitted):
+    lines = [line for line in fitted["stdout"].splitlines() if line.startswith("rlnorm: fit")]
+    assert len(lines) == 1, fitted["stdout"][-3000:]
+    line = lines[0]
+    assert "512 env steps" in line
+    assert "mean return " in line
+    assert "not solved (target 475)" in line  # CartPole-v1's reward_threshold
+    assert f"checkpoint {fitted['ckpt']}" in line
+    assert f"logs {fitted['run_dir']}" in line
+
+
+def test_fit_logs_episode_return_against_environment_steps(fitted):
+    events = EventAccumulator(str(fitted["run_dir"]), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in ("by_env_step/episode_return", "by_env_step/episode_length"):
+        steps = [event.step for event in events.Scalars(tag)]
+        assert steps, tag
+        # One point per rollout of 2 envs x 32 steps, the environment step count as its step.
+        assert all(step % 64 == 0 for step in steps), steps
+        assert steps[-1] == 512
+    returns = events.Scalars("by_env_step/episode_return")
+    assert all(event.value > 0 for event in returns)
 
 
 def test_fit_applies_command_line_overrides_and_the_config_callback(fitted):
@@ -205,6 +244,8 @@ def test_ddp_config_trains_two_processes_with_statistics_over_both_ranks(tmp_pat
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # The closing line comes from rank zero alone (and must not wait on the other rank).
+    assert result.stdout.count("rlnorm: fit done: 512 env steps") == 1, result.stdout[-3000:]
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     # 512 steps over both ranks: each rank ran 4 rollouts of 2 envs x 32 steps.
@@ -231,8 +272,17 @@ def test_inspect_prints_a_table_with_shapes_and_counts(fitted, capsys):
     cells = [line.split() for line in out.splitlines()]
     rows = {row[0]: row for row in cells if len(row) > 2 and row[1].startswith("(")}
     assert rows["obs"][1:3] == ["(4,)", "512"]
-    assert rows["reward"][1:3] == ["()", "512"]
+    assert rows["reward:discounted_return"][1:3] == ["()", "512"]
     assert "gamma=0.98" in out
+
+
+def test_inspect_table_shows_the_inferred_num_envs_and_names_the_discounted_return(fitted, capsys):
+    assert main(["inspect", str(fitted["ckpt"])]) == 0
+    out = capsys.readouterr().out
+    assert "num_envs=None" not in out
+    assert "num_envs=2 (inferred)" in out
+    assert "discounted returns in progress, 2 envs:" in out
+    assert "reward:discounted_return: running mean/std of each env's discounted return" in out
 
 
 def test_inspect_json_matches_load_normalizers(fitted, capsys):
@@ -243,7 +293,8 @@ def test_inspect_json_matches_load_normalizers(fitted, capsys):
     assert list(report["normalizers"]) == ["rlnorm"]
     entry = report["normalizers"]["rlnorm"]
     norms = rlnorm.load_normalizers(fitted["ckpt"])
-    assert entry["config"] == json.loads(json.dumps(norms.config.to_dict()))
+    configured = json.loads(json.dumps(norms.config.to_dict()))
+    assert entry["config"] == {**configured, "obs_shape": [4], "num_envs": 2}
     expected = norms.named_normalizers()
     assert set(entry["statistics"]) == set(expected)
     for tag, rms in expected.items():
@@ -254,6 +305,54 @@ def test_inspect_json_matches_load_normalizers(fitted, capsys):
         assert stats["mean"] == rms.mean.reshape(-1).tolist()
         assert stats["std"] == rms.std.reshape(-1).tolist()
     assert entry["reward_returns"] == norms.reward.returns.tolist()
+
+
+def test_inspect_json_fills_in_the_inferred_obs_shape_and_num_envs(fitted, capsys):
+    assert main(["inspect", str(fitted["ckpt"]), "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["normalizers"]["rlnorm"]
+    assert entry["config"]["obs_shape"] == [4]
+    assert entry["config"]["num_envs"] == 2
+    assert entry["inferred"] == ["obs_shape", "num_envs"]
+
+
+@pytest.mark.parametrize("where", ["root", "run_dir", "checkpoints"])
+def test_inspect_a_directory_says_so_and_names_the_checkpoint_to_pass(fitted, where, capsys):
+    directory = {
+        "root": fitted["root"],
+        "run_dir": fitted["run_dir"],
+        "checkpoints": fitted["ckpt"].parent,
+    }[where]
+    assert main(["inspect", str(directory)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert f"'{directory}' is a directory, not a checkpoint file" in err[0]
+    assert f"'{fitted['ckpt']}'" in err[0]
+
+
+def test_inspect_a_directory_without_checkpoints_says_it_holds_none(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory, not a checkpoint file" in err
+    assert "it holds none" in err
+
+
+def test_inspect_json_into_a_closed_pipe_exits_quietly_like_unix_tools(fitted):
+    # `rlnorm inspect CKPT --json | head`: the reader is gone before the command writes.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rlnorm.cli", "inspect", str(fitted["ckpt"]), "--json"],
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.wait(timeout=300)
+    assert stderr == ""
+    assert process.returncode == 141  # 128 + SIGPIPE, as `cat` or `yes` end
 
 
 def test_inspect_name_selects_the_normalizer_and_an_unknown_name_is_one_error_line(fitted, capsys):
@@ -316,15 +415,39 @@ def exported(fitted, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     # Rows far outside the data: the normalizer must clip them exactly as rlnorm does.
     plain["clipped"] = torch.tensor([[1e6, -1e6, 50.0, -50.0], [0.0, 0.0, 0.0, 0.0]])
     folded = {f"b{b}": within(b) for b in BATCHES}
+    # float64 observations, and the same cast to float32 for the float32 programs.
+    wide = rms.mean + (torch.rand(5, 4, generator=gen, dtype=torch.float64) * 6 - 3) * rms.std
+    plain["cast_b5"] = folded["cast_b5"] = wide.float()
+    plain["cast_one"] = folded["cast_one"] = wide[0].float()[None]
+    # name -> (extra export arguments, inputs): the programs for one observation and float64.
+    variants = {
+        "single": (["--single"], {"one": within(1)[0], "cast_one": wide[0].float()}),
+        "float64": (["--dtype", "float64"], {"b5": wide, "b0": wide[:0]}),
+        "single_float64": (["--single", "--dtype", "float64"], {"one": wide[0]}),
+        "folded_single": (["--fold-policy", "--single"], {"one": wide[0].float()}),
+        "folded_float64": (["--fold-policy", "--dtype", "float64"], {"b5": wide}),
+        "folded_single_float64": (
+            ["--fold-policy", "--single", "--dtype", "float64"],
+            {"one": wide[0]},
+        ),
+    }
     torch.save(plain, out / "plain.pt")
     torch.save(folded, out / "folded.pt")
+    for name, (_, inputs) in variants.items():
+        torch.save(inputs, out / f"{name}.pt")
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         status_plain = main(["export", ckpt, "--out", str(out / "obs_norm.pt2")])
         status_fold = main(["export", ckpt, "--out", str(out / "policy.pt2"), "--fold-policy"])
+        status_variants = {
+            name: main(["export", ckpt, "--out", str(out / f"{name}.pt2"), *extra])
+            for name, (extra, _) in variants.items()
+        }
     (out / "runner.py").write_text(BLOCKED_RUNNER)
     programs = ["plain", "obs_norm.pt2", "plain.pt", "folded", "policy.pt2", "folded.pt"]
+    for name in variants:
+        programs += [name, f"{name}.pt2", f"{name}.pt"]
     result = subprocess.run(
         [sys.executable, "runner.py", *programs],
         cwd=out,
@@ -337,9 +460,10 @@ def exported(fitted, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     assert result.returncode == 0, result.stderr[-3000:]
     return {
         "status": (status_plain, status_fold),
+        "status_variants": status_variants,
         "stdout": stdout.getvalue(),
         "norms": norms,
-        "inputs": {"plain": plain, "folded": folded},
+        "inputs": {"plain": plain, "folded": folded, **{k: v[1] for k, v in variants.items()}},
         "outputs": torch.load(out / "outputs.pt", weights_only=True),
         "dir": out,
     }
@@ -353,7 +477,7 @@ def test_export_writes_programs_that_load_without_rlnorm(exported):
     assert exported["outputs"]["rlnorm_modules"] == []
 
 
-@pytest.mark.parametrize("batch", [*(f"b{b}" for b in BATCHES), "clipped"])
+@pytest.mark.parametrize("batch", [*(f"b{b}" for b in BATCHES), "clipped", "cast_b5"])
 def test_exported_normalizer_equals_load_normalizers_normalize_obs(exported, batch):
     x = exported["inputs"]["plain"][batch]
     got = exported["outputs"]["plain"][batch]
@@ -375,6 +499,62 @@ def test_fold_policy_export_equals_ppo_actor_of_normalized_obs(exported, fitted,
     got = exported["outputs"]["folded"][batch]
     assert got.shape == (x.shape[0], 2)  # CartPole's two action logits
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def folded_actor_of(fitted: dict[str, Any]) -> torch.nn.Module:
+    checkpoint = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    model = PPO(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.actor
+
+
+def test_export_says_which_input_each_program_takes(exported):
+    assert set(exported["status_variants"].values()) == {0}
+    out = exported["stdout"]
+    assert "taking float32 observations (batch, 4), any batch size" in out
+    assert "taking float32 observations (4,)" in out
+    assert "taking float64 observations (4,)" in out
+
+
+def test_single_export_normalizes_one_observation_like_load_normalizers(exported):
+    for key in ("one", "cast_one"):
+        x = exported["inputs"]["single"][key]
+        got = exported["outputs"]["single"][key]
+        assert x.shape == got.shape == (4,)  # what env.reset() of one CartPole returns
+        torch.testing.assert_close(got, exported["norms"].normalize_obs(x), rtol=0, atol=1e-6)
+    # Bitwise what the batched program gives for the same observation as a batch of one.
+    cast_one = exported["outputs"]["single"]["cast_one"]
+    assert torch.equal(cast_one, exported["outputs"]["plain"]["cast_one"][0])
+
+
+def test_float64_export_equals_the_float32_program_on_the_input_cast_to_float32(exported):
+    outputs = exported["outputs"]
+    got = outputs["float64"]["b5"]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, outputs["plain"]["cast_b5"])
+    assert outputs["float64"]["b0"].shape == (0, 4)
+    single = outputs["single_float64"]["one"]
+    assert single.shape == (4,)
+    assert torch.equal(single, outputs["plain"]["cast_one"][0])
+
+
+def test_fold_policy_single_and_float64_exports_equal_the_ppo_actor(exported, fitted):
+    actor = folded_actor_of(fitted)
+    outputs, inputs = exported["outputs"], exported["inputs"]
+    with torch.no_grad():
+        for name, key in (
+            ("folded_single", "one"),
+            ("folded_float64", "b5"),
+            ("folded_single_float64", "one"),
+        ):
+            x = inputs[name][key].float()
+            expected = actor(exported["norms"].normalize_obs(x))
+            got = outputs[name][key]
+            assert got.shape == expected.shape == (*x.shape[:-1], 2), name
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(outputs["folded_float64"]["b5"], outputs["folded"]["cast_b5"])
+    assert torch.equal(outputs["folded_single_float64"]["one"], outputs["folded"]["cast_one"][0])
 
 
 # ---------------------------------------------------------------------------- errors
@@ -454,6 +634,18 @@ ERROR_CALLS: dict[str, tuple[list[str], list[str]]] = {
     "fit_with_an_unknown_env_id": (
         ["fit", "--model.env_id", "NoSuchEnv-v0", "--trainer.default_root_dir", "{root}/runs"],
         ["NoSuchEnv-v0"],
+    ),
+    "fit_with_a_misspelled_option": (
+        ["fit", "--model.total_timestep", "5", "--trainer.default_root_dir", "{root}/runs"],
+        ["--model.total_timestep", "spelled out in full"],
+    ),
+    "fit_with_an_abbreviated_option": (
+        ["fit", "--model.tot", "7", "--trainer.default_root_dir", "{root}/runs"],
+        ["--model.tot", "spelled out in full"],
+    ),
+    "fit_with_a_module_that_cannot_be_imported": (
+        ["fit", "--model.env_id", "no_such_module_rlnorm:MyEnv-v0"],
+        ["`env_id`", "'no_such_module_rlnorm'"],
     ),
     "inspect_without_path": (["inspect"], ["checkpoint"]),
     "inspect_unknown_option": (["inspect", "{text}", "--bogus"], ["--bogus"]),
@@ -536,6 +728,102 @@ def test_help_exits_0_and_lists_fit_inspect_export():
     usage = result.stdout
     for command in ("fit", "inspect", "export"):
         assert f"  {command} " in usage, usage
+
+
+def test_fit_help_starts_with_what_rlnorm_adds_and_how_to_see_the_callbacks_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    head = "\n".join(out.splitlines()[:25])
+    assert head.startswith("rlnorm fit: train the reference PPO")
+    assert "rlnorm fit --trainer.callbacks.help rlnorm.NormalizerCallback" in head
+    assert "--model.total_timesteps" in head
+    assert "not --trainer.max_steps" in head
+    assert "usage: rlnorm [options] fit" in out
+
+
+def test_fit_help_of_the_callback_lists_its_options():
+    result = rlnorm_command("fit", "--trainer.callbacks.help", "rlnorm.NormalizerCallback")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for option in ("reward", "gamma", "clip", "num_envs"):
+        assert f"--trainer.callbacks.{option}" in result.stdout
+
+
+USER_ENV_MODULE = """
+import gymnasium as gym
+import numpy as np
+
+
+class FourSteps(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(2, self.t / 4, np.float32), 1.0, self.t >= 4, False, {}
+
+
+gym.register(id="FourSteps-v0", entry_point=FourSteps, reward_threshold=4.0)
+"""
+
+
+def test_fit_without_config_warns_that_no_normalizer_is_attached_and_trains_a_module_env(
+    tmp_path, monkeypatch, capsys
+):
+    # The user's own environment as gymnasium's "module:id": importing the module registers it.
+    (tmp_path / "rlnorm_cli_user_envs.py").write_text(USER_ENV_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status = main(
+        [
+            "fit",
+            "--model.env_id",
+            "rlnorm_cli_user_envs:FourSteps-v0",
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar",
+            "false",
+            *TINY,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("rlnorm: warning")]
+    assert len(warnings) == 1, captured.err[-3000:]
+    assert "no NormalizerCallback is attached" in warnings[0]
+    assert "--trainer.callbacks+=rlnorm.NormalizerCallback" in warnings[0]
+    assert "--config configs/cartpole.yaml" in warnings[0]
+    done = [line for line in captured.out.splitlines() if line.startswith("rlnorm: fit done")]
+    # Every episode returns 4, the env's reward_threshold: solved once 20 episodes are in.
+    assert len(done) == 1
+    assert "solved (>= 4) at 128 env steps" in done[0]
+
+
+def test_fit_with_the_callback_added_on_the_command_line_does_not_warn(tmp_path, capsys):
+    status = main(
+        [
+            "fit",
+            "--trainer.callbacks+=rlnorm.NormalizerCallback",
+            "--trainer.callbacks.reward=true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            *TINY,
+            "--model.total_timesteps",  # the last value wins: 2 rollouts
+            "128",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    assert "rlnorm: warning" not in captured.err
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert rlnorm.load_normalizers(ckpt).config.reward is True
 
 
 @pytest.mark.parametrize("command", ["inspect", "export"])

@@ -19,7 +19,7 @@ import rlnorm
 from agents import QUIET_LIGHTNING, make_trainer
 from conftest import assert_close, assert_state_equal, reference_moments
 from rlnorm.envs import SCALED_CARTPOLE, AffineObservation, make_vector_env
-from rlnorm.ppo import PPO, Rollout
+from rlnorm.ppo import PPO, Rollout, solved_return
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET_LIGHTNING]
 
@@ -297,6 +297,8 @@ def test_resuming_from_a_checkpoint_restores_env_steps_and_the_normalizer(tmp_pa
         ({"hidden_size": 0}, "hidden_size"),
         ({"env_id": "NoSuchEnv-v0"}, "env_id"),
         ({"env_id": "FrozenLake-v1"}, "env_id"),  # Discrete observations, not a flat Box
+        ({"env_id": "no_such_module_rlnorm:MyEnv-v0"}, "env_id"),  # module cannot be imported
+        ({"env_id": "json:MyEnv-v0"}, "env_id"),  # module imports but registers nothing
     ],
     ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v),
 )
@@ -304,3 +306,60 @@ def test_bad_ppo_arguments_raise_value_error_naming_the_argument(kwargs, argumen
     options: dict[str, Any] = {"env_id": "CartPole-v1", **kwargs}
     with pytest.raises(ValueError, match=f"`{argument}`"):
         PPO(**options)
+
+
+# ---------------------------------------------------------------------------- your own env
+
+USER_ENV_MODULE = """
+import gymnasium as gym
+import numpy as np
+
+
+class FourSteps(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(2, self.t / 4, np.float32), 1.0, self.t >= 4, False, {}
+
+
+gym.register(id="rlnorm_test/FourSteps-v0", entry_point=FourSteps, reward_threshold=4.0)
+"""
+
+
+def test_ppo_trains_on_an_env_given_as_module_colon_id_and_reports_it_solved(tmp_path, monkeypatch):
+    # Every episode returns 4, the registered reward_threshold: solved after 20 episodes.
+    (tmp_path / "rlnorm_ppo_user_envs.py").write_text(USER_ENV_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = PPO(
+        "rlnorm_ppo_user_envs:rlnorm_test/FourSteps-v0",
+        total_timesteps=4 * PER_ROLLOUT,
+        num_envs=NUM_ENVS,
+        num_steps=NUM_STEPS,
+        update_epochs=1,
+    )
+    assert model.solved_return == 4.0
+    make_trainer(tmp_path, [rlnorm.NormalizerCallback()], max_steps=-1, max_epochs=-1).fit(model)
+    assert model.env_steps == 4 * PER_ROLLOUT
+    # 20 episodes of 4 steps in 2 envs take 40 steps: solved in the second rollout.
+    assert model.solved_at == 2 * PER_ROLLOUT
+
+
+@pytest.mark.parametrize(
+    ("env_id", "threshold"),
+    [
+        ("CartPole-v1", 475.0),
+        (SCALED_CARTPOLE, 475.0),
+        ("Acrobot-v1", -100.0),
+        ("MountainCar-v0", -110.0),
+        ("Pendulum-v1", None),
+    ],
+)
+def test_solved_return_comes_from_the_gymnasium_spec_reward_threshold(env_id, threshold):
+    assert solved_return(env_id) == threshold

@@ -15,7 +15,13 @@ from rlnorm import _validation as check
 from rlnorm.callback import restore_normalizers
 from rlnorm.normalizers import NormalizerConfig, Normalizers
 
-__all__ = ["check_checkpoint_file", "find_normalizer_states", "load_normalizers", "read_checkpoint"]
+__all__ = [
+    "check_checkpoint_file",
+    "checkpoint_in_directory",
+    "find_normalizer_states",
+    "load_normalizers",
+    "read_checkpoint",
+]
 
 #: First bytes of the files ``torch.save`` writes (a zip archive) ...
 _ZIP_START = b"PK\x03\x04"
@@ -32,10 +38,19 @@ def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
     format carry no checksums and are only checked for being non-empty.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file at ``path`` (a directory says so, and names the checkpoint
+            in it to pass, if it holds one).
         ValueError: the file is empty, truncated or corrupted; the message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = checkpoint_in_directory(path)
+        hint = (
+            f"pass the checkpoint file in it, e.g. {str(inside)!r}"
+            if inside is not None
+            else "pass the path of a checkpoint file (.ckpt); it holds none"
+        )
+        raise FileNotFoundError(f"{str(path)!r} is a directory, not a checkpoint file: {hint}.")
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
     with path.open("rb") as f:
@@ -63,6 +78,35 @@ def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
             f"{where} is corrupted: its entry {bad!r} fails the zip integrity check (its data "
             "do not match the stored checksum, or its header is damaged). Use another checkpoint."
         )
+
+
+def checkpoint_in_directory(directory: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint a run directory most likely means, or ``None``.
+
+    Looks for ``last.ckpt`` in ``directory``, in its ``checkpoints/`` folder, and in the
+    newest ``lightning_logs/version_N/checkpoints/`` under it (what ``rlnorm fit`` and
+    ``ModelCheckpoint(save_last=True)`` write); failing that, the newest ``*.ckpt`` in the
+    first two places.
+
+    Args:
+        directory: a run's root, ``version_N`` or ``checkpoints`` folder.
+
+    Returns:
+        The file's path, or ``None`` if there is none.
+    """
+    directory = Path(directory)
+    places = [directory, directory / "checkpoints"]
+    versions = sorted(
+        (d for d in (directory / "lightning_logs").glob("version_*") if d.is_dir()),
+        key=lambda d: int(number) if (number := d.name.removeprefix("version_")).isdigit() else -1,
+    )
+    if versions:
+        places.append(versions[-1] / "checkpoints")
+    for place in places:
+        if (place / "last.ckpt").is_file():
+            return place / "last.ckpt"
+    found = [f for place in places[:2] for f in place.glob("*.ckpt") if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,8 +1,16 @@
 """Frozen, standalone normalizers for deployment: ``torch.export`` files that need no rlnorm.
 
 An exported file is a ``torch.export`` program (``.pt2``): ``torch.export.load(path).module()``
-gives a callable module on any machine with torch, without rlnorm installed. It takes a batch
-``(batch, *shape)`` (any batch size, 0 included) of float32 observations.
+gives a callable module on any machine with torch, without rlnorm installed. A program has
+one input signature, fixed when it is written (``torch.export`` fixes the number of dimensions
+and the dtype of its input):
+
+- ``batched=True`` (the default): a batch ``(batch, *shape)``, any batch size (0 included),
+  e.g. what a vector environment returns; ``batched=False``: one observation ``shape``, e.g.
+  what ``env.reset()`` of a single environment returns.
+- ``dtype``: the observations' dtype, float32 by default. A float64 program casts its input to
+  float32 first, so it returns exactly what the float32 program returns for ``obs.float()``
+  (the statistics and the policy are float32). Other inputs are refused by torch's own checks.
 
 Example:
     >>> import torch
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +37,13 @@ from rlnorm.normalizers import Normalizers
 from rlnorm.running_mean_std import RunningMeanStd
 
 __all__ = [
+    "EXPORT_DTYPES",
+    "AsFloat32",
     "DictNormalizer",
     "FrozenNormalizer",
     "export_module",
     "export_observation_normalizer",
+    "export_policy",
     "fold_into_linear",
 ]
 
@@ -91,46 +103,118 @@ class DictNormalizer(nn.Module):
         return out
 
 
+class AsFloat32(nn.Module):
+    """Casts its input to float32 (the first step of programs that take float64 input)."""
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """``obs.to(torch.float32)``."""
+        return obs.to(torch.float32)
+
+
+#: Input dtypes an exported program can take.
+EXPORT_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(
+            f"`dtype` must be torch.float32 or torch.float64 (the observations' dtype), got "
+            f"{dtype!r}."
+        )
+    return dtype
+
+
 def export_module(
-    module: nn.Module, example: Tensor | dict[str, Tensor], path: str | os.PathLike[str]
+    module: nn.Module,
+    example: Tensor | dict[str, Tensor],
+    path: str | os.PathLike[str],
+    *,
+    batched: bool = True,
 ) -> None:
-    """Save ``module`` as a ``torch.export`` program with a dynamic leading batch dim.
+    """Save ``module`` as a ``torch.export`` program.
 
     Args:
         module: the module to export (put in eval mode).
-        example: an example input of shape ``(batch, *shape)``, or a dict of them.
+        example: an example input (or a dict of them) with the dtype and number of dimensions
+            the program will take: ``(batch, *shape)`` if ``batched``, else ``shape``.
         path: file to write (``.pt2`` by convention).
+        batched: the leading dimension of the input is a batch of any size; otherwise the
+            input's shape is fixed to the example's.
     """
-    batch = {0: torch.export.Dim.DYNAMIC}
-    dynamic = {k: batch for k in example} if isinstance(example, dict) else batch
-    program = torch.export.export(module.eval(), (example,), dynamic_shapes=(dynamic,))
+    dynamic: Any = None
+    if batched:
+        batch = {0: torch.export.Dim.DYNAMIC}
+        dynamic = ({k: batch for k in example} if isinstance(example, dict) else batch,)
+    program = torch.export.export(module.eval(), (example,), dynamic_shapes=dynamic)
     torch.export.save(program, os.fspath(path))
 
 
-def export_observation_normalizer(norms: Normalizers, path: str | os.PathLike[str]) -> nn.Module:
+def export_observation_normalizer(
+    norms: Normalizers,
+    path: str | os.PathLike[str],
+    *,
+    batched: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Write the frozen observation normalizer(s) to ``path`` (see the module docstring).
 
     Args:
         norms: normalizers, e.g. from :func:`rlnorm.load_normalizers`.
         path: file to write.
+        batched: the program takes a batch ``(batch, *shape)`` of any size; ``False``: one
+            observation of shape ``shape``.
+        dtype: dtype of the observations the program takes, ``torch.float32`` or
+            ``torch.float64`` (cast to float32 first).
 
     Returns:
         The frozen module that was exported.
 
     Raises:
-        ValueError: there is no observation normalizer yet (no data was ever seen).
+        ValueError: there is no observation normalizer yet (no data was ever seen), or an
+            unsupported ``dtype``.
     """
     check.check_instance("norms", norms, Normalizers)
+    _check_dtype(dtype)
     if not norms.obs:
         raise ValueError("There is no observation normalizer to export (no data was seen).")
     frozen = {key: FrozenNormalizer.from_running(rms) for key, rms in norms.obs.items()}
-    examples = {key: torch.zeros(2, *rms.shape) for key, rms in norms.obs.items()}
+    lead = (2,) if batched else ()
+    examples = {key: torch.zeros(*lead, *rms.shape, dtype=dtype) for key, rms in norms.obs.items()}
     if norms.dict_obs:
         module: nn.Module = DictNormalizer(frozen)
-        export_module(module, examples, path)
+        export_module(module, examples, path, batched=batched)
     else:
         module = next(iter(frozen.values()))
-        export_module(module, next(iter(examples.values())), path)
+        export_module(module, next(iter(examples.values())), path, batched=batched)
+    return module
+
+
+def export_policy(
+    policy: nn.Module,
+    obs_dim: int,
+    path: str | os.PathLike[str],
+    *,
+    batched: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Write a float32 policy on flat observations as a program (see the module docstring).
+
+    Args:
+        policy: maps float32 observations ``(..., obs_dim)`` to its output, e.g. an actor
+            whose first layer came from :func:`fold_into_linear`.
+        obs_dim: features of one observation.
+        path: file to write.
+        batched: the program takes ``(batch, obs_dim)``; ``False``: one observation
+            ``(obs_dim,)``.
+        dtype: dtype of the observations the program takes (float64 is cast to float32).
+
+    Returns:
+        The module that was exported (``policy`` after an input cast).
+    """
+    _check_dtype(dtype)
+    module = nn.Sequential(AsFloat32(), policy).eval()
+    lead = (2,) if batched else ()
+    export_module(module, torch.zeros(*lead, obs_dim, dtype=dtype), path, batched=batched)
     return module
 
 

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections import deque
@@ -42,10 +43,68 @@ from torch.utils.data import DataLoader
 from rlnorm.callback import NormalizerCallback, get_normalizer
 from rlnorm.envs import make_vector_env
 
-__all__ = ["PPO", "Rollout"]
+__all__ = ["PPO", "Rollout", "env_spec", "solved_return"]
 
-#: Mean return over the last 20 episodes at which CartPole-v1 counts as solved.
-SOLVED_RETURN = {"CartPole-v1": 475.0, "rlnorm/ScaledCartPole-v1": 475.0}
+#: Mean return over the last 20 episodes at which an environment counts as solved, for ids
+#: whose gymnasium spec has no ``reward_threshold`` (or to override it); see
+#: :func:`solved_return`.
+SOLVED_RETURN: dict[str, float] = {"CartPole-v1": 475.0, "rlnorm/ScaledCartPole-v1": 475.0}
+
+#: Tag prefix of the metrics logged with the environment step count as their step.
+BY_ENV_STEP = "by_env_step"
+
+
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The gymnasium spec of ``env_id``, importing its module first for ``"module:id"`` ids.
+
+    ``"my_envs:MyEnv-v0"`` is gymnasium's own form for an environment that ``my_envs``
+    registers when imported (what ``gymnasium.make`` accepts too).
+
+    Args:
+        env_id: a registered id such as ``"CartPole-v1"``, or ``"module:id"``.
+
+    Returns:
+        The registered ``EnvSpec``.
+
+    Raises:
+        ValueError: the module cannot be imported or the id is not registered; the message
+            names ``env_id``.
+    """
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"`env_id` must be a non-empty str, got {env_id!r}.")
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(
+                f"`env_id` {env_id!r}: cannot import the module {module!r} that should register "
+                f"{name!r} ({type(err).__name__}: {err}). Is it on PYTHONPATH?"
+            ) from err
+    spec = gym.registry.get(name)
+    if spec is None:
+        where = (
+            f"importing {module!r} did not register {name!r}"
+            if module
+            else "for your own environment use the form 'module:id', where importing the module "
+            "registers the id"
+        )
+        raise ValueError(
+            f"`env_id` {env_id!r} is not a registered gymnasium environment ({where})."
+        )
+    return spec
+
+
+def solved_return(env_id: str) -> float | None:
+    """Mean return over the last 20 episodes at which ``env_id`` counts as solved.
+
+    :data:`SOLVED_RETURN` first, then the environment's own ``spec.reward_threshold``
+    (``None`` where neither knows one, e.g. ``Pendulum-v1``).
+    """
+    if env_id in SOLVED_RETURN:
+        return SOLVED_RETURN[env_id]
+    threshold = env_spec(env_id).reward_threshold
+    return None if threshold is None else float(threshold)
 
 
 class Rollout(NamedTuple):
@@ -80,8 +139,12 @@ class PPO(L.LightningModule):
 
     Args:
         env_id: gymnasium id, e.g. ``CartPole-v1``, ``Pendulum-v1``,
-            ``rlnorm/ScaledCartPole-v1``.
-        total_timesteps: environment steps to train for, over all ranks.
+            ``rlnorm/ScaledCartPole-v1``, or ``module:id`` for your own environment, registered
+            by importing ``module`` (gymnasium's form).
+        total_timesteps: environment steps to train for, over all ranks: the length of
+            training (``--model.total_timesteps`` on the command line). The Trainer's
+            ``max_steps`` counts optimizer steps instead, ``update_epochs * num_minibatches``
+            per rollout of ``num_envs * num_steps`` environment steps.
         num_envs: environments per rank.
         num_steps: steps per environment and rollout.
         learning_rate: Adam step size (annealed linearly to 0 if ``anneal_lr``).
@@ -129,8 +192,7 @@ class PPO(L.LightningModule):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if env_id not in gym.registry:
-            raise ValueError(f"`env_id` {env_id!r} is not a registered gymnasium environment.")
+        self.solved_return = solved_return(env_id)  # checks (and imports) env_id
         self.save_hyperparameters()
         self.automatic_optimization = False
 
@@ -391,10 +453,19 @@ class PPO(L.LightningModule):
             mean_return = float(np.mean(self.episode_returns))
             self.log("episode_return", mean_return, prog_bar=True)
             self.log("episode_length", float(np.mean(self.episode_lengths)))
-            target = SOLVED_RETURN.get(self.hparams.env_id)
+            target = self.solved_return
             solved = len(self.episode_returns) == self.episode_returns.maxlen
             if target is not None and solved and mean_return >= target and self.solved_at is None:
                 self.solved_at = self.env_steps
+            # SB3-style curves: the same means with the environment step count as the step.
+            for logger in self.loggers:
+                logger.log_metrics(
+                    {
+                        f"{BY_ENV_STEP}/episode_return": mean_return,
+                        f"{BY_ENV_STEP}/episode_length": float(np.mean(self.episode_lengths)),
+                    },
+                    step=self.env_steps,
+                )
         elapsed = max(time.perf_counter() - self._start_time, 1e-9)
         self.log("env_steps", float(self.env_steps), prog_bar=True)
         self.log("sps", (self.env_steps - self._start_steps) / elapsed)
