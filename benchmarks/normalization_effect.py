@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from rlnorm.ppo import SOLVED_RETURN
+from rlnorm.ppo import solved_return
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/cartpole.yaml", "configs/cartpole_scaled.yaml", "configs/pendulum.yaml"]
@@ -154,7 +154,7 @@ def table(results: list[dict], steps: int) -> str:
                 continue
             returns = [r["final_return"] for r in runs]
             solved = [r["solved_at"] for r in runs if r["solved_at"] is not None]
-            has_target = env_id in SOLVED_RETURN
+            has_target = solved_return(env_id) is not None
             spread = statistics.stdev(returns) if len(returns) > 1 else 0.0
             rows.append(
                 f"| {env_id} | {'rlnorm (config)' if mode == 'rlnorm' else 'none'} | "
