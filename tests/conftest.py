@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,36 @@ def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     for key in a:
         assert a[key].dtype == b[key].dtype, key
         assert torch.equal(a[key], b[key]), f"{key}: {a[key]} != {b[key]}"
+
+
+#: A user's own environment module: importing it registers ENV_ID (every episode returns 4).
+USER_ENV_MODULE = """
+import gymnasium as gym
+import numpy as np
+
+
+class FourSteps(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(2, self.t / 4, np.float32), 1.0, self.t >= 4, False, {}
+
+
+gym.register(id="ENV_ID", entry_point=FourSteps, reward_threshold=4.0)
+"""
+
+
+def write_user_env_module(directory: Path, module: str, env_id: str) -> str:
+    """Write a module registering ``env_id`` into ``directory``; returns ``"module:env_id"``.
+
+    Put ``directory`` on ``sys.path`` (``monkeypatch.syspath_prepend``) before using the id.
+    """
+    (directory / f"{module}.py").write_text(USER_ENV_MODULE.replace("ENV_ID", env_id))
+    return f"{module}:{env_id}"

@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import rlnorm
 from agents import QUIET_LIGHTNING, make_trainer
+from conftest import write_user_env_module
 from rlnorm.cli import main
 from rlnorm.ppo import PPO
 
@@ -750,40 +751,17 @@ def test_fit_help_of_the_callback_lists_its_options():
         assert f"--trainer.callbacks.{option}" in result.stdout
 
 
-USER_ENV_MODULE = """
-import gymnasium as gym
-import numpy as np
-
-
-class FourSteps(gym.Env):
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return np.zeros(2, np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        return np.full(2, self.t / 4, np.float32), 1.0, self.t >= 4, False, {}
-
-
-gym.register(id="FourSteps-v0", entry_point=FourSteps, reward_threshold=4.0)
-"""
-
-
 def test_fit_without_config_warns_that_no_normalizer_is_attached_and_trains_a_module_env(
     tmp_path, monkeypatch, capsys
 ):
     # The user's own environment as gymnasium's "module:id": importing the module registers it.
-    (tmp_path / "rlnorm_cli_user_envs.py").write_text(USER_ENV_MODULE)
+    env_id = write_user_env_module(tmp_path, "rlnorm_cli_user_envs", "FourSteps-v0")
     monkeypatch.syspath_prepend(str(tmp_path))
     status = main(
         [
             "fit",
             "--model.env_id",
-            "rlnorm_cli_user_envs:FourSteps-v0",
+            env_id,
             "--trainer.default_root_dir",
             str(tmp_path / "runs"),
             "--trainer.enable_progress_bar",

@@ -17,7 +17,7 @@ from lightning.pytorch import seed_everything
 
 import rlnorm
 from agents import QUIET_LIGHTNING, make_trainer
-from conftest import assert_close, assert_state_equal, reference_moments
+from conftest import assert_close, assert_state_equal, reference_moments, write_user_env_module
 from rlnorm.envs import SCALED_CARTPOLE, AffineObservation, make_vector_env
 from rlnorm.ppo import PPO, Rollout, solved_return
 
@@ -310,35 +310,13 @@ def test_bad_ppo_arguments_raise_value_error_naming_the_argument(kwargs, argumen
 
 # ---------------------------------------------------------------------------- your own env
 
-USER_ENV_MODULE = """
-import gymnasium as gym
-import numpy as np
-
-
-class FourSteps(gym.Env):
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return np.zeros(2, np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        return np.full(2, self.t / 4, np.float32), 1.0, self.t >= 4, False, {}
-
-
-gym.register(id="rlnorm_test/FourSteps-v0", entry_point=FourSteps, reward_threshold=4.0)
-"""
-
 
 def test_ppo_trains_on_an_env_given_as_module_colon_id_and_reports_it_solved(tmp_path, monkeypatch):
     # Every episode returns 4, the registered reward_threshold: solved after 20 episodes.
-    (tmp_path / "rlnorm_ppo_user_envs.py").write_text(USER_ENV_MODULE)
+    env_id = write_user_env_module(tmp_path, "rlnorm_ppo_user_envs", "rlnorm_test/FourSteps-v0")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = PPO(
-        "rlnorm_ppo_user_envs:rlnorm_test/FourSteps-v0",
+        env_id,
         total_timesteps=4 * PER_ROLLOUT,
         num_envs=NUM_ENVS,
         num_steps=NUM_STEPS,
