@@ -19,8 +19,8 @@ else:
 setup(
     ext_modules=[
         Extension(
-            "rlnorm._kernels",
-            sources=["src/rlnorm/_kernels.c"],
+            "rlnorm.backends._kernels",
+            sources=["src/rlnorm/backends/_kernels.c"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,

@@ -12,10 +12,11 @@ above 1 means rlnorm is faster). What is timed, exactly:
 - rlnorm eager: ``RunningMeanStd(dims).update(x)`` and ``.normalize(x)`` on the torch tensor:
   what users get by default (on the CPU, the native kernels when built).
 - rlnorm torch path (CPU only): the same with the native kernels turned off
-  (``rlnorm._native.native_kernels(False)``, as ``RLNORM_NATIVE=0`` does), i.e. the code that
-  also runs under ``torch.compile`` and on CUDA.
-- rlnorm, automatic graphs off (CUDA only): the same with ``rlnorm.cuda_graphs.use_graphs(False)``
-  (as ``RLNORM_CUDA_GRAPHS=0`` does): every call launches its kernels one by one.
+  (``rlnorm.backends.native.native_kernels(False)``, as ``RLNORM_NATIVE=0`` does), i.e. the
+  code that also runs under ``torch.compile`` and on CUDA.
+- rlnorm, automatic graphs off (CUDA only): the same with
+  ``rlnorm.backends.cuda_graphs.use_graphs(False)`` (as ``RLNORM_CUDA_GRAPHS=0`` does): every
+  call launches its kernels one by one.
 - rlnorm CUDA graph (CUDA only): replays of CUDA graphs that captured ``rms.update(x)`` and
   ``rms.normalize(x)`` (``x`` a static input). A further line times a whole step (update then
   normalize) eager against one replay of its captured graph.
@@ -63,7 +64,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlnorm import RunningMeanStd, _native, cuda_graphs
+from rlnorm import RunningMeanStd
+from rlnorm.backends import cuda_graphs
+from rlnorm.backends import native as _native
 
 SHAPES = [(16, 8), (1024, 64), (16384, 256)]
 EPS = 1e-8

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from rlnorm.ppo import solved_return
+from rlnorm.agents.ppo import solved_return
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/cartpole.yaml", "configs/cartpole_scaled.yaml", "configs/pendulum.yaml"]
@@ -46,7 +46,7 @@ def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str 
     import torch
 
     import rlnorm
-    from rlnorm.ppo import PPO
+    from rlnorm.agents.ppo import PPO
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="module", params=["native", "torch"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test on the native CPU kernels and again on the torch code path."""
-    from rlnorm import _native
+    from rlnorm.backends import native as _native
 
     with _native.native_kernels(request.param == "native"):
         yield request.param

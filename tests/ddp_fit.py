@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import rlnorm
-from agents import RolloutAgent, make_trainer
+from rollout_agents import RolloutAgent, make_trainer
 
 BASE_ENVS, EXTRA_ENVS_PER_RANK = 5, 37
 ROLLOUT_LEN, MAX_STEPS, LOG_EVERY, GAMMA = 2, 6, 2, 0.95

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import rlnorm
-from agents import RolloutAgent, make_trainer
+from rollout_agents import RolloutAgent, make_trainer
 
 EVERY, NUM_ENVS, ROLLOUT_LEN, GAMMA = 2, 3, 6, 0.97
 

@@ -24,8 +24,8 @@ from rlnorm import (
     RewardNormalizer,
     RunningMeanStd,
 )
-from rlnorm.export import export_observation_normalizer, fold_into_linear
-from rlnorm.moments import empty_moments, merge_ema
+from rlnorm.algebra.moments import empty_moments, merge_ema
+from rlnorm.io.export import export_observation_normalizer, fold_into_linear
 
 NAN, INF = math.nan, math.inf
 
@@ -396,8 +396,8 @@ def test_bad_argument_raises_naming_the_argument_and_the_value(case: Case) -> No
 
 # ---------------------------------------------------------------------------- moments
 
-# The pure functions in rlnorm.moments are the hot path (compiled, inside CUDA graphs) and do
-# not check their tensors. merge_ema does check its Python-number arguments, momentum and
+# The pure functions in rlnorm.algebra.moments are the hot path (compiled, inside CUDA graphs)
+# and do not check their tensors. merge_ema does check its Python-number arguments, momentum and
 # var_floor, at no cost to the tensors: a momentum outside [0, 1), NaN included, would give
 # negative or NaN weights, so it raises ValueError naming the argument.
 

@@ -24,10 +24,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlnorm
-from agents import QUIET_LIGHTNING, make_trainer
 from conftest import write_user_env_module
+from rlnorm.agents.ppo import PPO
 from rlnorm.cli import main
-from rlnorm.ppo import PPO
+from rollout_agents import QUIET_LIGHTNING, make_trainer
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET_LIGHTNING]
 

@@ -21,8 +21,8 @@ import pytest
 from nbclient import NotebookClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agents import QUIET_LIGHTNING
 from rlnorm.cli import main
+from rollout_agents import QUIET_LIGHTNING
 
 pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(w) for w in QUIET_LIGHTNING)]
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents import QUIET_LIGHTNING
 from rlnorm.cli import main
+from rollout_agents import QUIET_LIGHTNING
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -127,7 +127,7 @@ def test_fragments_are_visibly_partial_to_a_reader() -> None:
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
-@pytest.mark.filterwarnings("ignore::rlnorm.migrate.PickleFileWarning")
+@pytest.mark.filterwarnings("ignore::rlnorm.io.migrate.PickleFileWarning")
 @pytest.mark.filterwarnings("ignore:.*NormalizeObservation.*:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*You are calling 'step\\(\\)'.*")
 @pytest.mark.filterwarnings("ignore:.*GPU available but not used.*")

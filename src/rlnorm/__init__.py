@@ -19,15 +19,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from rlnorm._version import __version__
-from rlnorm.moments import Moments
-from rlnorm.normalizers import NormalizerConfig, Normalizers
-from rlnorm.reward import RewardNormalizer
-from rlnorm.running_mean_std import RunningMeanStd
+from rlnorm.algebra.moments import Moments
+from rlnorm.stats.normalizers import NormalizerConfig, Normalizers
+from rlnorm.stats.reward import RewardNormalizer
+from rlnorm.stats.running_mean_std import RunningMeanStd
 
 if TYPE_CHECKING:
-    from rlnorm.callback import NormalizerCallback, get_normalizer
-    from rlnorm.checkpoint import load_normalizers
-    from rlnorm.migrate import from_gymnasium, load_sb3_vecnormalize
+    from rlnorm.io.checkpoint import load_normalizers
+    from rlnorm.io.migrate import from_gymnasium, load_sb3_vecnormalize
+    from rlnorm.lightning.callback import NormalizerCallback, get_normalizer
 
 __all__ = [
     "Moments",
@@ -46,11 +46,11 @@ __all__ = [
 # The Lightning-facing names import lightning, which takes seconds: only on first use, so that
 # code using the statistics alone (and every process it spawns) starts fast.
 _LAZY = {
-    "NormalizerCallback": "rlnorm.callback",
-    "get_normalizer": "rlnorm.callback",
-    "load_normalizers": "rlnorm.checkpoint",
-    "load_sb3_vecnormalize": "rlnorm.migrate",
-    "from_gymnasium": "rlnorm.migrate",
+    "NormalizerCallback": "rlnorm.lightning.callback",
+    "get_normalizer": "rlnorm.lightning.callback",
+    "load_normalizers": "rlnorm.io.checkpoint",
+    "load_sb3_vecnormalize": "rlnorm.io.migrate",
+    "from_gymnasium": "rlnorm.io.migrate",
 }
 
 

@@ -42,7 +42,7 @@ commands:
 `rlnorm COMMAND --help` describes each command."""
 
 #: Printed before LightningCLI's own ``rlnorm fit --help``.
-FIT_HELP = """rlnorm fit: train the reference PPO (rlnorm.ppo.PPO) with Lightning's CLI.
+FIT_HELP = """rlnorm fit: train the reference PPO (rlnorm.agents.ppo.PPO) with Lightning's CLI.
 
 What rlnorm adds (Lightning's own options follow below):
   --config configs/cartpole.yaml
@@ -160,8 +160,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
     from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
 
-    from rlnorm.callback import NormalizerCallback
-    from rlnorm.ppo import PPO
+    from rlnorm.agents.ppo import PPO
+    from rlnorm.lightning.callback import NormalizerCallback
 
     class RLNormCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
@@ -278,7 +278,7 @@ def inspect_command(args: list[str]) -> int:
 
 def describe_checkpoint(path: str, name: str | None = None) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain data."""
-    from rlnorm.checkpoint import find_normalizer_states, read_checkpoint
+    from rlnorm.io.checkpoint import find_normalizer_states, read_checkpoint
 
     checkpoint = read_checkpoint(path)
     states = find_normalizer_states(checkpoint)
@@ -386,8 +386,8 @@ def _span(values: list[float]) -> str:
 
 def export_command(args: list[str]) -> int:
     """``rlnorm export CKPT --out FILE [--name NAME] [--fold-policy] [--single] [--dtype D]``."""
-    from rlnorm.checkpoint import read_checkpoint
-    from rlnorm.export import export_observation_normalizer, export_policy
+    from rlnorm.io.checkpoint import read_checkpoint
+    from rlnorm.io.export import export_observation_normalizer, export_policy
 
     parser = _parser(
         "export",
@@ -456,13 +456,15 @@ def _input_shape(shape: tuple[int, ...], batched: bool) -> str:
 
 def _folded_actor(checkpoint: dict[str, Any], norms: Any) -> tuple[torch.nn.Module, int]:
     """The reference PPO's actor with the observation normalizer folded into its first layer."""
-    from rlnorm.export import fold_into_linear
-    from rlnorm.ppo import PPO
+    from rlnorm.agents.ppo import PPO
+    from rlnorm.io.export import fold_into_linear
 
     hparams = checkpoint.get("hyper_parameters") or {}
     weights = checkpoint.get("state_dict") or {}
     if "env_id" not in hparams or "actor.0.weight" not in weights:
-        raise ValueError("--fold-policy needs a checkpoint of the reference PPO (rlnorm.ppo.PPO).")
+        raise ValueError(
+            "--fold-policy needs a checkpoint of the reference PPO (rlnorm.agents.ppo.PPO)."
+        )
     if norms.dict_obs or not norms.obs:
         raise ValueError("--fold-policy needs a single (non-dict) observation normalizer.")
     model = PPO(**{k: v for k, v in hparams.items() if not k.startswith("_")})
@@ -475,7 +477,7 @@ def _folded_actor(checkpoint: dict[str, Any], norms: Any) -> tuple[torch.nn.Modu
 
 def _load(checkpoint: dict[str, Any], path: str, name: str | None = None) -> Any:
     """``load_normalizers`` on an already read checkpoint, errors naming the file."""
-    from rlnorm.checkpoint import load_normalizers
+    from rlnorm.io.checkpoint import load_normalizers
 
     try:
         return load_normalizers(checkpoint, name=name)

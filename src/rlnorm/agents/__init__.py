@@ -1,0 +1,1 @@
+"""The reference PPO agent and its gymnasium environments."""

@@ -1,0 +1,4 @@
+"""How the statistics are computed: torch operations, native CPU kernels, CUDA graphs.
+
+Backends take and return plain tensors; they never see a module.
+"""

@@ -1,0 +1,1 @@
+"""The Lightning integration: ``NormalizerCallback`` and its drift telemetry."""
