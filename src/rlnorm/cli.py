@@ -76,15 +76,29 @@ class EndOfFitCheckpoint(ModelCheckpoint):
     once more when training ends, unless it already holds the final step.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The global step of the newest checkpoint written, seen through the public hook.
+        self._step_saved: int | None = None
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Note the step of every checkpoint written (``last.ckpt`` goes with the others)."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        self._step_saved = checkpoint.get("global_step")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save ``last.ckpt`` at the final step (Lightning's rule alone may leave it stale)."""
         super().on_train_end(trainer, pl_module)
         if (
             self.save_last
+            and self.last_model_path
             and not trainer.fast_dev_run
-            and self._last_global_step_saved != trainer.global_step
+            and self._step_saved != trainer.global_step
         ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            # Every rank calls this (it gathers callback state); rank zero writes the file.
+            trainer.save_checkpoint(self.last_model_path)
 
 
 class UsageError(Exception):
