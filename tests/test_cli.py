@@ -106,6 +106,9 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "2",
                 "--checkpoint.every_n_train_steps",
                 "3",
+                # Lightning's default bar is Rich's when `rich` is installed (import-linter
+                # brings it into the dev environment), which draws nothing into a StringIO.
+                "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",
             ]
         )
     run_dir = root / "lightning_logs" / "version_0"
