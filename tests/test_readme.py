@@ -127,7 +127,7 @@ def test_fragments_are_visibly_partial_to_a_reader() -> None:
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
-@pytest.mark.filterwarnings("ignore::rlnorm.io.migrate.PickleFileWarning")
+@pytest.mark.filterwarnings("ignore::rlnorm.io.unpickler.PickleFileWarning")
 @pytest.mark.filterwarnings("ignore:.*NormalizeObservation.*:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*You are calling 'step\\(\\)'.*")
 @pytest.mark.filterwarnings("ignore:.*GPU available but not used.*")

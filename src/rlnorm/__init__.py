@@ -26,7 +26,8 @@ from rlnorm.stats.running_mean_std import RunningMeanStd
 
 if TYPE_CHECKING:
     from rlnorm.io.checkpoint import load_normalizers
-    from rlnorm.io.migrate import from_gymnasium, load_sb3_vecnormalize
+    from rlnorm.io.gymnasium_wrappers import from_gymnasium
+    from rlnorm.io.sb3 import load_sb3_vecnormalize
     from rlnorm.lightning.callback import NormalizerCallback, get_normalizer
 
 __all__ = [
@@ -49,8 +50,8 @@ _LAZY = {
     "NormalizerCallback": "rlnorm.lightning.callback",
     "get_normalizer": "rlnorm.lightning.callback",
     "load_normalizers": "rlnorm.io.checkpoint",
-    "load_sb3_vecnormalize": "rlnorm.io.migrate",
-    "from_gymnasium": "rlnorm.io.migrate",
+    "load_sb3_vecnormalize": "rlnorm.io.sb3",
+    "from_gymnasium": "rlnorm.io.gymnasium_wrappers",
 }
 
 

@@ -16,6 +16,7 @@ from rlnorm.stats.normalizers import NormalizerConfig, Normalizers
 from rlnorm.stats.schema import restore_normalizers
 
 __all__ = [
+    "ZIP_START",
     "check_checkpoint_file",
     "checkpoint_in_directory",
     "find_normalizer_states",
@@ -23,8 +24,8 @@ __all__ = [
     "read_checkpoint",
 ]
 
-#: First bytes of the files ``torch.save`` writes (a zip archive) ...
-_ZIP_START = b"PK\x03\x04"
+#: First bytes of a zip archive: the files ``torch.save`` writes (and SB3's model files) ...
+ZIP_START = b"PK\x03\x04"
 #: ... and of the legacy format (``_use_new_zipfile_serialization=False``): a pickle.
 _LEGACY_PICKLE_START = b"\x80"
 
@@ -60,7 +61,7 @@ def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{where} is empty (0 bytes): it was never written completely.")
     if head[:1] == _LEGACY_PICKLE_START:
         return
-    if head != _ZIP_START:
+    if head != ZIP_START:
         raise ValueError(
             f"{where} is not a PyTorch checkpoint: it starts with {head!r}, not with the zip "
             "header torch.save writes (a corrupted file, or another format)."
