@@ -444,8 +444,11 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
         'rlnorm'
     """
     if isinstance(owner, LightningModule):
-        trainer = owner._trainer
-        if trainer is None:
+        try:
+            trainer = owner.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        if not isinstance(trainer, Trainer):  # none, or Fabric's stand-in
             raise LookupError(
                 f"{type(owner).__name__} is not attached to a Trainer, so it has no "
                 "NormalizerCallback; outside training use `rlnorm.load_normalizers(ckpt_path)`."
