@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from rlnorm import _validation as check
-from rlnorm._version import __version__
-from rlnorm.algebra.drift import batch_shift, drift, per_dim_drift, summary
-from rlnorm.algebra.moments import Moments
-from rlnorm.lightning.telemetry import DriftHeatmap, IntervalMetrics, tensorboard_writers
-from rlnorm.stats.distributed import is_distributed
+from rlnorm.lightning import checkpointing, loop
+from rlnorm.lightning.batches import (
+    BatchKey,
+    check_batch_keys,
+    check_update_mask_key,
+    normalize_entries,
+)
+from rlnorm.lightning.telemetry import DriftTelemetry, check_name
 from rlnorm.stats.normalizers import NormalizerConfig, Normalizers, Observation, Shape
-from rlnorm.stats.schema import check_state, restore_normalizers, statistics_state, with_own_returns
+from rlnorm.stats.schema import restore_normalizers, statistics_state
 
 __all__ = ["NormalizerCallback", "get_normalizer"]
-
-BatchKey = str | int
 
 
 class NormalizerCallback(Callback):
@@ -125,11 +124,7 @@ class NormalizerCallback(Callback):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(name, str):
-            raise TypeError(f"`name` must be a str, got {name!r}.")
-        if not name or any(c.isspace() for c in name):
-            raise ValueError(f"`name` must be a non-empty string without spaces, got {name!r}.")
-        self.name = name
+        self.name = check_name(name)
         self.config = NormalizerConfig(
             obs_shape=obs_shape,
             obs_feature_dims=obs_feature_dims,
@@ -148,15 +143,8 @@ class NormalizerCallback(Callback):
             sync=sync,
             prior_weight=prior_weight,
         )
-        self.batch_keys = self._check_batch_keys(batch_keys)
-        if update_mask_key is not None and not isinstance(update_mask_key, (str, int)):
-            raise TypeError(f"`update_mask_key` must be a str or int, got {update_mask_key!r}.")
-        if update_mask_key is not None and not self.batch_keys:
-            raise ValueError(
-                f"`update_mask_key={update_mask_key!r}` needs `batch_keys`: it selects the rows "
-                "of the batch entries that statistics are learned from."
-            )
-        self.update_mask_key = update_mask_key
+        self.batch_keys = check_batch_keys(batch_keys)
+        self.update_mask_key = check_update_mask_key(update_mask_key, self.batch_keys)
         if log_every_n_steps is not None:
             check.check_positive_int("log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps = log_every_n_steps
@@ -165,17 +153,10 @@ class NormalizerCallback(Callback):
         self._frozen = False
         # Everything below holds tensors: created in `setup`, never in `__init__` (under
         # `ddp_spawn`, tensors made here would be shared memory between the workers).
+        # The normalizers and their telemetry are created together (`_create_normalizers`).
         self._normalizers: Normalizers | None = None
+        self._telemetry: DriftTelemetry | None = None
         self._trainer: Trainer | None = None
-        # Telemetry state, all of it checkpointed (see `state_dict`): the interval aggregates
-        # (`_interval`, or `_pending_interval` until the metrics are rebuilt on the right
-        # device), the statistics, step and counts of the last log, the heatmap history.
-        self._interval: dict[str, IntervalMetrics] = {}
-        self._pending_interval: dict[str, Tensor] = {}
-        self._last_logged: dict[str, Moments] = {}
-        self._last_logged_step: int | None = None
-        self._logged_counts: dict[str, tuple[int, int]] = {}
-        self._heatmaps: dict[str, DriftHeatmap] = {}
         # Statistics to start from (`from_normalizers`), loaded at `setup`.
         self._initial_state: dict[str, Any] | None = None
 
@@ -221,12 +202,15 @@ class NormalizerCallback(Callback):
     def normalizers(self) -> Normalizers:
         """The :class:`~rlnorm.Normalizers` owned by this callback (after ``setup``)."""
         if self._normalizers is None:
-            raise RuntimeError(
-                f"NormalizerCallback(name={self.name!r}) has no normalizers yet: they are "
-                "created in `setup`, when `trainer.fit(...)` (or validate/test/predict) starts. "
-                "Outside a Trainer, use `rlnorm.load_normalizers(ckpt_path)`."
-            )
+            raise self._not_set_up()
         return self._normalizers
+
+    @property
+    def telemetry(self) -> DriftTelemetry:
+        """The :class:`~rlnorm.lightning.telemetry.DriftTelemetry` of :attr:`normalizers`."""
+        if self._telemetry is None:
+            raise self._not_set_up()
+        return self._telemetry
 
     @property
     def updates_enabled(self) -> bool:
@@ -259,10 +243,7 @@ class NormalizerCallback(Callback):
             mask: optional rows to learn from, shape ``batch`` (bool or float weights).
         """
         norms = self._sync_frozen()
-        batches = norms.update_obs(obs, mask)
-        for key, batch in batches.items():
-            metrics = self._metrics(norms.obs_tag(key))
-            metrics.update_shift(batch_shift(batch, norms.obs[key].moments))
+        self.telemetry.record_obs_update(norms.update_obs(obs, mask))
 
     def normalize_obs(self, obs: Observation) -> Observation:
         """Normalize observations with the current statistics (never updates them).
@@ -278,8 +259,7 @@ class NormalizerCallback(Callback):
             return norms.normalize_obs(obs)
         # In the training loop the clip fraction is logged; the counts come with the output.
         out, counts = norms.normalize_obs_counting_clipped(obs)
-        for key, (clipped, values) in counts.items():
-            self._metrics(norms.obs_tag(key)).add_clipped(clipped, values)
+        self.telemetry.record_obs_clipped(counts)
         return out
 
     def denormalize_obs(self, obs: Observation) -> Observation:
@@ -300,14 +280,11 @@ class NormalizerCallback(Callback):
             The scaled rewards.
         """
         norms = self._sync_frozen()
-        batch = norms.update_rewards(rewards, dones)
-        if batch is not None:
-            assert norms.reward is not None
-            self._metrics("reward").update_shift(batch_shift(batch, norms.reward.stats.moments))
+        self.telemetry.record_reward_update(norms.update_rewards(rewards, dones))
         out = norms.scale_rewards(rewards)
         clip = self.config.reward_clip
         if clip is not None and self.updates_enabled:
-            self._metrics("reward").update_clipped(out, clip)
+            self.telemetry.record_reward_clipped(out, clip)
         return out
 
     def scale_rewards(self, rewards: Tensor) -> Tensor:
@@ -324,48 +301,27 @@ class NormalizerCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
         if self._normalizers is None:
-            self._normalizers = Normalizers(self.config, device=self.device)
+            norms = self._create_normalizers()
             if self._initial_state is not None:
                 where = f"statistics given to {self.state_key} by `from_normalizers`"
-                restore_normalizers(self._normalizers, self._initial_state, where)
+                restore_normalizers(norms, self._initial_state, where)
         if stage == "fit":
-            for ckpt in trainer.checkpoint_callbacks:
-                if getattr(ckpt, "save_weights_only", False):
-                    rank_zero_warn(
-                        f"{type(ckpt).__name__}(save_weights_only=True) writes no callback state, "
-                        f"so its checkpoints will not hold the statistics of "
-                        f"NormalizerCallback(name={self.name!r}); evaluating from them would use "
-                        "fresh statistics. Save full checkpoints (save_weights_only=False) to "
-                        "use `rlnorm.load_normalizers`.",
-                        category=UserWarning,
-                    )
+            checkpointing.warn_if_weights_only(trainer, self.name)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        device = self.device or pl_module.device
-        self.normalizers.to(device)
-        # The open interval carries over (from a checkpoint or an earlier fit); its metrics are
-        # rebuilt on the statistics' device when next used.
-        for tag, metrics in self._interval.items():
-            self._pending_interval[tag] = metrics.partials().cpu()
-        self._interval.clear()
-        self._last_logged = {tag: _to(m, device) for tag, m in self._last_logged.items()}
+        self.normalizers.to(self.device or pl_module.device)
+        self.telemetry.normalizers_moved()
 
     @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self.batch_keys:
-            return
-        # Checked before anything changes: a batch that cannot take the result is not learned.
-        _check_replaceable(batch, self.batch_keys)
-        mask = None if self.update_mask_key is None else _get(batch, self.update_mask_key)
-        first = self.batch_keys[0]
-        if self.updates_enabled:
-            self.update_obs(_get(batch, first), mask)
-        for key in self.batch_keys:
-            # A new entry: the old tensor (maybe the dataset's own storage) stays raw.
-            batch[key] = self.normalize_obs(_get(batch, key))
+        if self.batch_keys:
+            update = self.update_obs if self.updates_enabled else None
+            normalize_entries(
+                batch, self.batch_keys, self.update_mask_key, self.normalize_obs, update
+            )
 
     @override
     def on_train_batch_end(
@@ -377,19 +333,17 @@ class NormalizerCallback(Callback):
         batch_idx: int,
     ) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        loop = trainer.fit_loop.epoch_loop
-        step = loop._batches_that_stepped
+        step = loop.logging_step(trainer)
         if not trainer.loggers or every <= 0 or (step + 1) % every != 0:
             return
-        if loop._should_accumulate():  # log once per optimizer step, as Lightning does
-            return
-        self._log(trainer, step)
+        if loop.optimizer_steps_after_batch(trainer):  # once per optimizer step, as Lightning
+            self.telemetry.log(trainer.loggers, step, is_global_zero=trainer.is_global_zero)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Only where the epoch's data ran out: an epoch cut short (max_steps, a stop signal)
         # ends the fit, which `on_train_end` logs.
-        if trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+        if loop.epoch_data_ran_out(trainer):
             self._log_if_changed(trainer, final=False)
 
     @override
@@ -400,284 +354,73 @@ class NormalizerCallback(Callback):
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.state_key in checkpoint.get("callbacks", {}):
-            return
-        others = [
-            key
-            for key, value in checkpoint.get("callbacks", {}).items()
-            if isinstance(value, Mapping) and "schema_version" in value and "normalizers" in value
-        ]
-        hint = f" It holds normalizer state under {others}: was `name` changed?" if others else ""
-        rank_zero_warn(
-            f"The checkpoint holds no state for NormalizerCallback(name={self.name!r}); its "
-            f"statistics start fresh.{hint}",
-            category=UserWarning,
-        )
+        checkpointing.warn_if_no_state(checkpoint, self.state_key, self.name)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._normalizers is None:
-            return {}
-        # Local: no collective, so any rank may call it alone. The reward returns in it are this
-        # rank's; `on_save_checkpoint` adds every rank's when Lightning writes a checkpoint.
-        norms = self._normalizers
-        return {
-            **statistics_state(norms),
-            "rlnorm_version": __version__,
-            "name": self.name,
-            "config": self.config.to_dict(),
-            "last_logged": {tag: m._asdict() for tag, m in self._last_logged.items()},
-            "telemetry": self._telemetry_state(),
-        }
+        # Local: no collective, so any rank may call it alone.
+        return {} if self._telemetry is None else checkpointing.state(self._telemetry, self.name)
 
     @override
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Add what differs by rank to the state ``state_dict`` put in the checkpoint.
-
-        Lightning calls this on every rank while writing a checkpoint (after the callbacks'
-        ``state_dict``), so the collectives here, through ``trainer.strategy``, are matched:
-        every rank's reward returns go to ``reward_returns_by_rank`` (each rank resumes its
-        own), and the open telemetry interval is reduced over the ranks (rank zero resumes it).
-        """
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if state is None or self._normalizers is None:
-            return
-        norms = self._normalizers
-        world_size = trainer.world_size
-        if norms.reward is not None:
-            returns = norms.reward.returns.detach()
-            if world_size > 1:
-                state["reward_returns_by_rank"] = _all_gather_uneven(trainer, returns)
-            else:
-                state["reward_returns_by_rank"] = [returns.cpu().clone()]
-        tags = sorted(norms.named_normalizers())
-        if world_size > 1 and tags:
-            local = torch.stack([self._metrics(tag).partials() for tag in tags])
-            gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device))
-            reduced = torch.stack(
-                [gathered[..., 0].amax(0), gathered[..., 1].sum(0), gathered[..., 2].sum(0)],
-                dim=-1,
-            ).cpu()
-            state["telemetry"]["interval"] = dict(zip(tags, reduced.unbind(0), strict=True))
+        # Lightning calls this on every rank while writing a checkpoint (after the callbacks'
+        # `state_dict`), so the collectives adding what differs by rank are matched.
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        if saved is not None and self._telemetry is not None:
+            checkpointing.add_every_ranks_state(trainer, saved, self._telemetry)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._normalizers is None:
-            self._normalizers = Normalizers(self.config, device=self.device)
-        where = f"state of {self.state_key}"
-        path = self._resume_path()
-        if path is not None:
-            # torch.load does not check checksums: flipped bytes would load as wrong statistics.
-            from rlnorm.io.checkpoint import check_checkpoint_file
-
-            check_checkpoint_file(path)
-            where += f" in checkpoint {path!r}"
-        check_state(state_dict, where)
-        rank = dist.get_rank() if is_distributed() else 0
-        state_dict, warning = with_own_returns(state_dict, rank)
-        if warning is not None:
-            rank_zero_warn(warning, category=UserWarning)
-        restore_normalizers(self._normalizers, state_dict, where=where)
-        saved = state_dict.get("config", {})
-        changed = {
-            key: (saved[key], value)
-            for key, value in self.config.to_dict().items()
-            if key in saved and key != "obs_shape" and saved[key] != value
-        }
-        if changed:
-            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            rank_zero_warn(
-                f"NormalizerCallback(name={self.name!r}) resumes with settings that differ from "
-                f"the checkpoint's ({details}); the restored statistics are kept and the new "
-                "settings apply from now on.",
-                category=UserWarning,
-            )
-        device = self._normalizers.device
-        self._last_logged = {
-            tag: _to(Moments(**m), device) for tag, m in state_dict.get("last_logged", {}).items()
-        }
-        self._load_telemetry(state_dict.get("telemetry"))
+        if self._telemetry is None:
+            self._create_normalizers()
+        checkpointing.restore(
+            self.telemetry,
+            state_dict,
+            config=self.config,
+            name=self.name,
+            where=f"state of {self.state_key}",
+            path=checkpointing.resume_path(self._trainer),
+        )
 
     @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        # Lightning reads the checkpoint to resume from before any hook knows its path, so a
-        # damaged file fails deep inside torch. Name the file and the problem on the way out.
-        path = self._resume_path()
-        if path is None or path in str(exception):
-            return
-        from rlnorm.io.checkpoint import check_checkpoint_file
-
-        try:
-            check_checkpoint_file(path)
-        except ValueError as err:
-            note = f"rlnorm: cannot resume: {err}"
-            if hasattr(exception, "add_note"):
-                exception.add_note(note)
-            else:  # Python 3.10
-                rank_zero_warn(note, category=UserWarning)
+        checkpointing.note_damaged_file(checkpointing.resume_path(trainer), exception)
 
     # ------------------------------------------------------------------ internals
 
-    def _resume_path(self) -> str | None:
-        """The local checkpoint file the trainer is resuming from, if any."""
-        path = None if self._trainer is None else self._trainer.ckpt_path
-        return str(path) if path is not None and os.path.isfile(path) else None
+    def _not_set_up(self) -> RuntimeError:
+        return RuntimeError(
+            f"NormalizerCallback(name={self.name!r}) has no normalizers yet: they are "
+            "created in `setup`, when `trainer.fit(...)` (or validate/test/predict) starts. "
+            "Outside a Trainer, use `rlnorm.load_normalizers(ckpt_path)`."
+        )
+
+    def _create_normalizers(self) -> Normalizers:
+        self._normalizers = Normalizers(self.config, device=self.device)
+        self._telemetry = DriftTelemetry(
+            self._normalizers, name=self.name, histograms=self.log_histograms
+        )
+        return self._normalizers
+
+    def _log_if_changed(self, trainer: Trainer, final: bool) -> None:
+        """Log where an epoch or the fit ends, if the statistics changed since the last log."""
+        if self._telemetry is not None:
+            self._telemetry.log_if_changed(
+                trainer.loggers,
+                loop.logging_step(trainer) - 1,  # the last batch's: the count is past it now
+                is_global_zero=trainer.is_global_zero,
+                final=final,
+                any_rank=partial(loop.any_rank, trainer),
+            )
 
     def _sync_frozen(self) -> Normalizers:
         norms = self.normalizers
         norms.frozen = not self.updates_enabled
         return norms
-
-    def _metrics(self, tag: str) -> IntervalMetrics:
-        metrics = self._interval.get(tag)
-        if metrics is None:
-            device = self.normalizers.named_normalizers()[tag].mean.device
-            metrics = self._interval[tag] = IntervalMetrics(device)
-            pending = self._pending_interval.pop(tag, None)
-            if pending is not None:
-                metrics.load_partials(pending)
-        return metrics
-
-    def _counts(self) -> dict[str, tuple[int, int]]:
-        """Samples and non-finite rows seen per statistic: equal on every rank when synced."""
-        return {
-            tag: (int(norm.moments.count), int(norm.nonfinite_count))
-            for tag, norm in self.normalizers.named_normalizers().items()
-        }
-
-    def _telemetry_state(self) -> dict[str, Any]:
-        """Everything the next logged figures depend on, besides ``last_logged``."""
-        interval = dict(self._pending_interval)
-        interval.update({tag: m.partials().cpu() for tag, m in self._interval.items()})
-        return {
-            "last_logged_step": self._last_logged_step,
-            "logged_counts": {tag: list(c) for tag, c in self._logged_counts.items()},
-            "interval": interval,
-            "heatmaps": {tag: h.state_dict() for tag, h in self._heatmaps.items()},
-        }
-
-    def _load_telemetry(self, state: Mapping[str, Any] | None) -> None:
-        """Restore :meth:`_telemetry_state`; states written before it existed start afresh."""
-        self._interval.clear()
-        self._pending_interval = {}
-        self._heatmaps = {}
-        if state is None:  # an older checkpoint: what it implies
-            self._last_logged_step = None
-            nonfinite = {tag: c[1] for tag, c in self._counts().items()}
-            self._logged_counts = {
-                tag: (int(m.count), nonfinite.get(tag, 0)) for tag, m in self._last_logged.items()
-            }
-            return
-        step = state.get("last_logged_step")
-        self._last_logged_step = None if step is None else int(step)
-        self._logged_counts = {
-            tag: (int(c[0]), int(c[1])) for tag, c in state.get("logged_counts", {}).items()
-        }
-        # The interval saved with a checkpoint is the sum over all ranks: one rank resumes it.
-        rank = dist.get_rank() if is_distributed() else 0
-        if rank == 0:
-            self._pending_interval = {
-                tag: t.detach().cpu() for tag, t in state.get("interval", {}).items()
-            }
-        for tag, columns in state.get("heatmaps", {}).items():
-            heatmap = self._heatmaps[tag] = DriftHeatmap()
-            heatmap.load_state_dict(columns)
-
-    def _log_if_changed(self, trainer: Trainer, final: bool) -> None:
-        """Log at the last step if the statistics changed since the last log, and not twice.
-
-        The decision rests on replicated facts (the step, and the counts, agreed over the ranks
-        in case they are not synced) because logging runs collectives on every rank.
-        """
-        if not trainer.loggers or self._normalizers is None:
-            return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
-        if step < 0 or step == self._last_logged_step:
-            return
-        counts = self._counts()
-        changed = any(counts[tag] != self._logged_counts.get(tag, (0, 0)) for tag in counts)
-        if trainer.world_size > 1:
-            changed = trainer.strategy.reduce_boolean_decision(changed, all=False)
-        if changed:
-            self._log(trainer, step, final=final)
-
-    def _log(self, trainer: Trainer, step: int, final: bool = False) -> None:
-        """Compute every figure (collectives included, on all ranks) and write on rank zero.
-
-        Args:
-            trainer: the trainer whose loggers receive the figures.
-            step: the step to log at.
-            final: the point logged where the fit ends: it reads the figures without starting
-                a new interval, so that a run resumed from a checkpoint written now logs what
-                an uninterrupted run logs.
-        """
-        metrics: dict[str, float] = {}
-        histograms: dict[str, Tensor] = {}
-        images: dict[str, Tensor] = {}
-        for tag, norm in self.normalizers.named_normalizers().items():
-            prefix = f"{self.name}/{tag}"
-            state = _clone(norm.moments)
-            figures = summary(state)
-            last = self._last_logged.get(tag)
-            if last is not None and last.mean.shape == state.mean.shape:
-                figures.update(drift(last, state))
-                heatmap = self._heatmaps.setdefault(tag, DriftHeatmap())
-                column = per_dim_drift(last, state)
-                if final:
-                    image = heatmap.image(extra=column)
-                else:
-                    heatmap.add(column)
-                    image = heatmap.image()
-                if image is not None:
-                    images[f"{prefix}/drift_heatmap"] = image
-            figures.update(self._metrics(tag).compute(reset=not final))
-            figures["nonfinite_rows"] = norm.nonfinite_count
-            if not final:
-                self._last_logged[tag] = state
-            for key, value in figures.items():
-                value = float(value)
-                if value == value:  # NaN: no data in this interval
-                    metrics[f"{prefix}/{key}"] = value
-            histograms[f"{prefix}/mean"] = state.mean.reshape(-1)
-            histograms[f"{prefix}/std"] = state.var.sqrt().reshape(-1)
-        if not final:
-            self._last_logged_step = step
-            self._logged_counts = self._counts()
-        self._write(trainer, step, metrics, histograms, images)
-
-    @rank_zero_only
-    def _write(
-        self,
-        trainer: Trainer,
-        step: int,
-        metrics: dict[str, float],
-        histograms: dict[str, Tensor],
-        images: dict[str, Tensor],
-    ) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        if not self.log_histograms:
-            return
-        for writer in tensorboard_writers(trainer.loggers):
-            for tag, values in histograms.items():
-                if values.numel():
-                    writer.add_histogram(f"{tag}_hist", values.detach().cpu(), global_step=step)
-            for tag, image in images.items():
-                writer.add_image(tag, image, global_step=step, dataformats="CHW")
-
-    @staticmethod
-    def _check_batch_keys(keys: BatchKey | Sequence[BatchKey] | None) -> tuple[BatchKey, ...]:
-        if keys is None:
-            return ()
-        if isinstance(keys, (str, int)):
-            keys = (keys,)
-        if not isinstance(keys, Sequence) or not all(isinstance(k, (str, int)) for k in keys):
-            raise TypeError(f"`batch_keys` must be a str, an int or a list of them, got {keys!r}.")
-        return tuple(keys)
 
 
 def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) -> NormalizerCallback:
@@ -701,8 +444,11 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
         'rlnorm'
     """
     if isinstance(owner, LightningModule):
-        trainer = owner._trainer
-        if trainer is None:
+        try:
+            trainer = owner.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        if not isinstance(trainer, Trainer):  # none, or Fabric's stand-in
             raise LookupError(
                 f"{type(owner).__name__} is not attached to a Trainer, so it has no "
                 "NormalizerCallback; outside training use `rlnorm.load_normalizers(ckpt_path)`."
@@ -725,51 +471,3 @@ def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) ->
         )
     names = [cb.name for cb in found]
     raise LookupError(f"Several NormalizerCallbacks are attached ({names}); pass `name=`.")
-
-
-def _all_gather_uneven(trainer: Trainer, tensor: Tensor) -> list[Tensor]:
-    """Every rank's 1-D ``tensor`` (lengths may differ), on the CPU, through the strategy.
-
-    A collective: call it on every rank.
-    """
-    device = trainer.strategy.root_device
-    flat = tensor.detach().reshape(-1)
-    size = torch.tensor([flat.numel()], device=device)
-    sizes = [int(n) for n in trainer.strategy.all_gather(size).reshape(-1)]
-    padded = torch.zeros(max(sizes), dtype=flat.dtype, device=device)
-    padded[: flat.numel()] = flat
-    gathered = trainer.strategy.all_gather(padded).reshape(len(sizes), -1).cpu()
-    return [row[:n].clone() for row, n in zip(gathered, sizes, strict=True)]
-
-
-def _clone(moments: Moments) -> Moments:
-    return Moments(*(None if t is None else t.detach().clone() for t in moments))
-
-
-def _to(moments: Moments, device: torch.device | None) -> Moments:
-    return Moments(*(None if t is None else t.to(device) for t in moments))
-
-
-def _get(batch: Any, key: BatchKey) -> Any:
-    try:
-        return batch[key]
-    except (KeyError, IndexError, TypeError):
-        available = sorted(map(str, batch)) if isinstance(batch, Mapping) else len(batch)
-        raise KeyError(
-            f"Batch entry {key!r} (from `batch_keys`/`update_mask_key`) is not in the batch "
-            f"(a {type(batch).__name__}; entries: {available})."
-        ) from None
-
-
-def _check_replaceable(batch: Any, keys: Sequence[BatchKey]) -> None:
-    """Raise unless ``batch`` is a container whose entries can be replaced (dict or list)."""
-    if isinstance(batch, (MutableMapping, MutableSequence)):
-        return
-    raise TypeError(
-        f"NormalizerCallback cannot normalize batch entry {keys[0]!r} (from `batch_keys`) of a "
-        f"{type(batch).__name__} batch: its entries cannot be replaced, and writing into the "
-        "tensor would change the data the dataset serves (normalizing it again the next epoch). "
-        "Yield batches as dicts or lists (the DataLoader's default collate turns plain tuples "
-        "into lists, not named tuples), or drop `batch_keys` and call "
-        "`rlnorm.get_normalizer(self).normalize_obs(...)` in `training_step`."
-    )

@@ -1,234 +1,347 @@
-"""Drift telemetry: interval aggregates reduced over ranks, histograms and a heatmap image.
+"""Drift telemetry: what is logged about a set of normalizers, when, and what a checkpoint keeps.
 
-The figures themselves are the pure functions of :mod:`rlnorm.algebra.drift`; here are the
-parts with state: :class:`IntervalMetrics` (batch shift and clip fraction over a logging
-interval, reduced with torchmetrics) and :class:`DriftHeatmap`. Scalars go to every logger
-through ``log_metrics``; histograms and images need a ``SummaryWriter`` and are written only to
-:class:`~lightning.pytorch.loggers.TensorBoardLogger` instances, from rank zero.
+:class:`DriftTelemetry` holds everything the logged figures depend on besides the statistics
+themselves: the open interval of batch shifts and clip fractions per statistic
+(:class:`~rlnorm.lightning.interval.IntervalMetrics`), the statistics, step and counts of the
+last log, and the drift heatmaps (:class:`~rlnorm.lightning.heatmap.DriftHeatmap`). It computes
+the figures of one log with the pure functions of :mod:`rlnorm.algebra.drift` and writes them.
+
+It does not know the ``Trainer``: it takes the loggers, the step, whether this process is rank
+zero and the collectives it needs, so that :class:`~rlnorm.NormalizerCallback` and a Lightning
+Fabric loop (``fabric.loggers``, ``fabric.is_global_zero``, ``fabric.all_gather``) share it.
+Scalars go to every logger through ``log_metrics``; histograms and images need a
+``SummaryWriter`` and are written only to TensorBoard loggers (Trainer's or Fabric's).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.fabric.loggers import Logger, TensorBoardLogger
 from torch import Tensor
-from torchmetrics.aggregation import MaxMetric, SumMetric
 
-__all__ = ["DriftHeatmap", "IntervalMetrics", "tensorboard_writers"]
+from rlnorm import _validation as check
+from rlnorm.algebra.drift import batch_shift, drift, per_dim_drift, summary
+from rlnorm.algebra.moments import Moments
+from rlnorm.lightning.heatmap import DriftHeatmap
+from rlnorm.lightning.interval import IntervalMetrics
+from rlnorm.stats.normalizers import Normalizers
 
-# Anchor colours of the viridis colour map, dark (0) to bright (1).
-_VIRIDIS = torch.tensor(
-    [
-        [68, 1, 84],
-        [72, 40, 120],
-        [62, 74, 137],
-        [49, 104, 142],
-        [38, 130, 142],
-        [31, 158, 137],
-        [53, 183, 121],
-        [109, 205, 89],
-        [180, 222, 44],
-        [253, 231, 37],
-    ],
-    dtype=torch.float32,
-)
+__all__ = ["DriftHeatmap", "DriftTelemetry", "IntervalMetrics", "check_name", "tensorboard_writers"]
 
 
-def tensorboard_writers(loggers: Iterable[Logger]) -> list:
-    """The ``SummaryWriter`` of each TensorBoard logger (rank zero only; elsewhere none)."""
-    from lightning.pytorch.utilities import rank_zero_only
+def check_name(name: Any) -> str:
+    """A name that prefixes logged tags: a non-empty ``str`` without whitespace.
 
-    if rank_zero_only.rank != 0:
-        return []
+    Example:
+        >>> check_name("policy")
+        'policy'
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a str, got {name!r}.")
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"`name` must be a non-empty string without spaces, got {name!r}.")
+    return name
+
+
+def tensorboard_writers(loggers: Iterable[Logger]) -> list[Any]:
+    """The ``SummaryWriter`` of each TensorBoard logger among ``loggers`` (Trainer's or Fabric's).
+
+    Call it on rank zero only: elsewhere a logger's ``experiment`` is a stand-in.
+
+    Example:
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> tensorboard_writers([CSVLogger("logs")])
+        []
+    """
     return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
-def colorize(values: Tensor) -> Tensor:
-    """Map values in ``[0, 1]`` of shape ``(H, W)`` to a uint8 RGB image ``(3, H, W)``."""
-    scaled = values.clamp(0, 1) * (len(_VIRIDIS) - 1)
-    low = scaled.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac = (scaled - low).unsqueeze(-1)
-    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
-    return rgb.round().to(torch.uint8).permute(2, 0, 1)
+class DriftTelemetry:
+    """The drift telemetry of one set of normalizers, shared by the callback and Fabric loops.
 
+    Record what each update and normalize call returned (``record_*``), then :meth:`log` at the
+    steps of your choice: every statistic's summary (count, mean, std extremes), its drift since
+    the last log (mean, log-std, KL), the interval's largest batch shift and clip fraction, the
+    non-finite rows skipped, and with TensorBoard histograms and a drift heatmap. Tags are
+    ``<name>/obs/...`` (``<name>/obs/<key>/...`` for dict observations) and
+    ``<name>/reward/...``. :meth:`state_dict` and :meth:`load_state_dict` carry all of it across
+    a checkpoint, so a resumed run logs exactly what an uninterrupted one logs.
 
-class DriftHeatmap:
-    """Per-dimension drift over the last ``history`` logs, as an image a person reads at a glance.
-
-    Rows are feature dimensions, columns are logging steps (newest on the right). Only the
-    columns logged so far are drawn, so the image grows one column per log up to ``history``
-    columns and then scrolls. Brightness is ``|Δmean| / std`` since the previous log on a log
-    scale from 1e-3 (dark) to 10 (bright), so a dimension that keeps moving shows as a bright
-    row and a statistic that has settled fades to dark.
+    Across ranks: :meth:`log` and :meth:`log_if_changed` are collectives (the interval
+    figures are reduced over ``torch.distributed``): call them on every rank at the same steps.
+    Only the process with ``is_global_zero=True`` writes.
 
     Args:
-        history: number of logging steps shown at most.
-        max_dims: dimensions shown (the first ones), to keep the image readable.
-        width: image width in pixels once ``history`` columns are logged (rounded to whole
-            columns); each column is ``width // history`` pixels wide.
-        min_height: rows are made tall enough for the image to reach this height.
+        normalizers: the statistics reported on (keep calling ``record_*`` with what their
+            update and normalize calls return).
+        name: prefix of every tag.
+        histograms: also write histograms of the per-dimension mean and std and the drift
+            heatmap image to TensorBoard loggers.
+
+    Example:
+        >>> import rlnorm
+        >>> norms = rlnorm.Normalizers(rlnorm.NormalizerConfig(obs_shape=3))
+        >>> telemetry = DriftTelemetry(norms, name="policy")
+        >>> telemetry.record_obs_update(norms.update_obs(torch.randn(64, 3)))
+        >>> figures = telemetry.log(fabric.loggers, step=0)  # doctest: +SKIP
+        >>> sorted(telemetry.log([], step=0))[:2]
+        ['policy/obs/batch_shift', 'policy/obs/count']
     """
 
-    def __init__(
-        self, history: int = 64, max_dims: int = 64, width: int = 384, min_height: int = 128
-    ) -> None:
-        self.columns: deque[Tensor] = deque(maxlen=history)
-        self.history = history
-        self.max_dims = max_dims
-        self.cell_width = max(1, width // history)
-        self.min_height = min_height
+    def __init__(self, normalizers: Normalizers, *, name: str = "rlnorm", histograms: bool = True):
+        self.normalizers: Normalizers = check.check_instance(
+            "normalizers", normalizers, Normalizers
+        )
+        self.name = check_name(name)
+        self.histograms = check.check_bool("histograms", histograms)
+        # The open interval per tag: its metrics, or its partials (`_pending_interval`) until
+        # the metrics are rebuilt on the statistics' device at first use.
+        self._interval: dict[str, IntervalMetrics] = {}
+        self._pending_interval: dict[str, Tensor] = {}
+        # The statistics, step and (samples, non-finite rows) counts of the last log.
+        self._last_logged: dict[str, Moments] = {}
+        self._last_logged_step: int | None = None
+        self._logged_counts: dict[str, tuple[int, int]] = {}
+        self._heatmaps: dict[str, DriftHeatmap] = {}
 
-    def column(self, per_dim: Tensor) -> Tensor:
-        """One column as stored: the first ``max_dims`` values, float32, on the CPU."""
-        return per_dim.detach().reshape(-1)[: self.max_dims].float().cpu()
+    # ------------------------------------------------------------------ recording
 
-    def add(self, per_dim: Tensor) -> None:
-        """Append one column of per-dimension drift."""
-        self.columns.append(self.column(per_dim))
+    def record_obs_update(self, batches: Mapping[str, Moments]) -> None:
+        """Record the batch shift of one update (what ``Normalizers.update_obs`` returned)."""
+        norms = self.normalizers
+        for key, batch in batches.items():
+            shift = batch_shift(batch, norms.obs[key].moments)
+            self._metrics(norms.obs_tag(key)).update_shift(shift)
 
-    def image(self, extra: Tensor | None = None) -> Tensor | None:
-        """The heatmap as a uint8 ``(3, H, W)`` tensor, or ``None`` before any column.
+    def record_obs_clipped(self, counts: Mapping[str, tuple[int | Tensor, int]]) -> None:
+        """Record the counts ``Normalizers.normalize_obs_counting_clipped`` returns."""
+        for key, (clipped, values) in counts.items():
+            self._metrics(self.normalizers.obs_tag(key)).add_clipped(clipped, values)
 
-        ``W`` is ``cell_width`` times the number of columns drawn.
+    def record_reward_update(self, batch: Moments | None) -> None:
+        """Record the batch shift of one reward update (``Normalizers.update_rewards``'s result)."""
+        reward = self.normalizers.reward
+        if batch is not None and reward is not None:
+            self._metrics("reward").update_shift(batch_shift(batch, reward.stats.moments))
+
+    def record_reward_clipped(self, scaled: Tensor, clip: float) -> None:
+        """Record which of the scaled rewards sit at the clamp bound ``clip``."""
+        self._metrics("reward").update_clipped(scaled, clip)
+
+    def normalizers_moved(self) -> None:
+        """Follow the normalizers to their device: call after moving them (``.to(device)``)."""
+        device = self.normalizers.device
+        # The open interval carries over; its metrics are rebuilt on the device at first use.
+        for tag, metrics in self._interval.items():
+            self._pending_interval[tag] = metrics.partials().cpu()
+        self._interval.clear()
+        self._last_logged = {tag: _to(m, device) for tag, m in self._last_logged.items()}
+
+    # ------------------------------------------------------------------ logging
+
+    def log(
+        self,
+        loggers: Sequence[Logger],
+        step: int,
+        *,
+        is_global_zero: bool = True,
+        final: bool = False,
+    ) -> dict[str, float]:
+        """Compute every figure (a collective: call it on every rank) and write them.
 
         Args:
-            extra: a provisional newest column drawn after the stored ones (the oldest one
-                scrolls out if the history is full) without being stored.
+            loggers: where the figures go (Trainer's or Fabric's loggers).
+            step: the step to log at.
+            is_global_zero: whether this process writes (only rank zero does).
+            final: the point logged where the run ends: it reads the figures without starting
+                a new interval, so that a run resumed from a checkpoint written now logs what
+                an uninterrupted run logs.
+
+        Returns:
+            The scalar figures by tag (those without data in the interval left out).
         """
-        columns = list(self.columns)
-        if extra is not None:
-            columns = [*columns, self.column(extra)][-self.history :]
-        if not columns:
-            return None
-        grid = torch.stack(columns, dim=1)  # (dims, steps)
-        img = colorize((grid.clamp_min(1e-3).log10() + 3.0) / 4.0)
-        cell_height = max(1, -(-self.min_height // grid.shape[0]))
-        return img.repeat_interleave(cell_height, dim=1).repeat_interleave(self.cell_width, dim=2)
+        metrics: dict[str, float] = {}
+        histograms: dict[str, Tensor] = {}
+        images: dict[str, Tensor] = {}
+        for tag, norm in self.normalizers.named_normalizers().items():
+            prefix = f"{self.name}/{tag}"
+            state = _clone(norm.moments)
+            figures = summary(state)
+            last = self._last_logged.get(tag)
+            if last is not None and last.mean.shape == state.mean.shape:
+                figures.update(drift(last, state))
+                heatmap = self._heatmaps.setdefault(tag, DriftHeatmap())
+                column = per_dim_drift(last, state)
+                if final:
+                    image = heatmap.image(extra=column)
+                else:
+                    heatmap.add(column)
+                    image = heatmap.image()
+                if image is not None:
+                    images[f"{prefix}/drift_heatmap"] = image
+            figures.update(self._metrics(tag).compute(reset=not final))
+            figures["nonfinite_rows"] = norm.nonfinite_count
+            if not final:
+                self._last_logged[tag] = state
+            for key, value in figures.items():
+                value = float(value)
+                if value == value:  # NaN: no data in this interval
+                    metrics[f"{prefix}/{key}"] = value
+            histograms[f"{prefix}/mean"] = state.mean.reshape(-1)
+            histograms[f"{prefix}/std"] = state.var.sqrt().reshape(-1)
+        if not final:
+            self._last_logged_step = step
+            self._logged_counts = self._counts()
+        if is_global_zero:
+            self._write(loggers, step, metrics, histograms, images)
+        return metrics
 
-    def state_dict(self) -> Tensor:
-        """The stored columns, oldest first, as a float32 ``(columns, dims)`` tensor."""
-        if not self.columns:
-            return torch.zeros(0, 0)
-        return torch.stack(list(self.columns))
+    def log_if_changed(
+        self,
+        loggers: Sequence[Logger],
+        step: int,
+        *,
+        is_global_zero: bool = True,
+        final: bool = False,
+        any_rank: Callable[[bool], bool] | None = None,
+    ) -> bool:
+        """:meth:`log` if the statistics changed since the last log, and not twice at a step.
 
-    def load_state_dict(self, columns: Tensor) -> None:
-        """Replace the stored columns with those :meth:`state_dict` returned."""
-        if not isinstance(columns, Tensor) or columns.dim() != 2:
-            raise ValueError(f"Heatmap columns must be a 2-D tensor, got {columns!r}.")
-        self.columns.clear()
-        for column in columns:
-            self.add(column)
-
-
-class IntervalMetrics:
-    """Per-interval aggregates of one normalizer, reduced across ranks at ``compute``.
-
-    - ``batch_shift``: the largest :func:`batch_shift` of any update in the interval;
-    - ``clip_fraction``: share of normalized values at ``±clip`` over all normalize calls
-      (clipped values summed over ranks, divided by all values summed over ranks).
-
-    Each call only folds its figure into a running max or sum (one or two small tensor ops on
-    the hot path); at the end of the interval the partial aggregates go through torchmetrics,
-    whose ``compute`` reduces them over all ranks. The partial aggregates are the whole state:
-    :meth:`partials` and :meth:`load_partials` carry an interval across a checkpoint.
-
-    Args:
-        device: where the metric states live (the normalizer's device).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.batch_shift = MaxMetric(nan_strategy="ignore").to(device)
-        # Integer-valued float64 sums: exact, so the fraction does not depend on how the
-        # values were split between ranks (or between a checkpoint and the resumed run).
-        self.clipped = SumMetric(nan_strategy="ignore").set_dtype(torch.float64).to(device)
-        self.values = SumMetric(nan_strategy="ignore").set_dtype(torch.float64).to(device)
-        self._reset_partials()
-
-    def _reset_partials(self) -> None:
-        f64 = {"dtype": torch.float64, "device": self.device}
-        self._shift_max = torch.full((), -math.inf, **f64)
-        # Clipped counts arrive as host ints (native CPU path) or device tensors (elsewhere).
-        self._clipped = torch.zeros((), **f64)
-        self._clipped_host = 0
-        self._values = 0
-
-    def update_shift(self, value: Tensor) -> None:
-        """Record one update's batch shift."""
-        self._shift_max = torch.fmax(
-            self._shift_max, value.detach().to(torch.float64)
-        )  # NaN-ignoring
-
-    def update_clipped(self, normalized: Tensor, clip: float) -> None:
-        """Record which values of one ``normalize`` output sit at the clamp bound."""
-        self.add_clipped((normalized.detach().abs() >= clip).sum(), normalized.numel())
-
-    def add_clipped(self, clipped: int | Tensor, values: int) -> None:
-        """Record that ``clipped`` of ``values`` normalized values sat at the clamp bound."""
-        if isinstance(clipped, Tensor):
-            self._clipped += clipped
-        else:
-            self._clipped_host += clipped
-        self._values += values
-
-    def partials(self) -> Tensor:
-        """This rank's interval so far: float64 ``[max batch shift, clipped, values]``.
-
-        The max is ``-inf`` when no update was recorded. Counts are exact below 2**53.
-        """
-        return torch.stack(
-            [
-                self._shift_max,
-                self._clipped + self._clipped_host,
-                torch.tensor(float(self._values), dtype=torch.float64, device=self.device),
-            ]
-        )
-
-    def load_partials(self, partials: Tensor) -> None:
-        """Continue the interval :meth:`partials` returned (here or in an earlier run)."""
-        if not isinstance(partials, Tensor) or partials.shape != (3,):
-            raise ValueError(f"Interval partials must be a tensor of shape (3,), got {partials!r}.")
-        values = partials.detach().to(self.device, torch.float64)
-        self._shift_max = values[0].clone()
-        self._clipped = values[1].clone()
-        self._clipped_host = 0
-        self._values = int(values[2])
-
-    def compute(self, reset: bool = True) -> dict[str, Tensor]:
-        """Interval figures, reduced over ranks (a collective: call it on every rank).
-
-        Figures without data in the interval on any rank come back as NaN; callers skip them.
+        The decision rests on replicated facts (the step, and the counts, agreed over the ranks
+        in case they are not synced) because logging runs collectives on every rank.
 
         Args:
-            reset: start a new interval afterwards; ``False`` only reads the figures so far.
+            loggers: as for :meth:`log`; none: nothing is logged.
+            step: as for :meth:`log`; negative (no step taken yet): nothing is logged.
+            is_global_zero: as for :meth:`log`.
+            final: as for :meth:`log`.
+            any_rank: whether a decision holds on any rank (a collective), e.g.
+                ``lambda d: fabric.strategy.reduce_boolean_decision(d, all=False)``; ``None``
+                for a single process.
+
+        Returns:
+            Whether it logged.
         """
-        nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        self.batch_shift.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
-        self.clipped.update(self._clipped + self._clipped_host)
-        self.values.update(
-            torch.tensor(float(self._values), dtype=torch.float64, device=self.device)
-        )
-        with warnings.catch_warnings():
-            # A rank whose interval had no data contributes NaN, which the metrics ignore.
-            warnings.filterwarnings("ignore", message=".*Encountered.*nan.*")
-            shift = self.batch_shift.compute()
-            clipped = self.clipped.compute()
-            values = self.values.compute()
-        for metric in (self.batch_shift, self.clipped, self.values):
-            metric.reset()
-        if reset:
-            self._reset_partials()
-        fraction = clipped.to(torch.float64) / values.to(torch.float64).clamp_min(1.0)
+        if not loggers or step < 0 or step == self._last_logged_step:
+            return False
+        counts = self._counts()
+        changed = any(counts[tag] != self._logged_counts.get(tag, (0, 0)) for tag in counts)
+        if any_rank is not None:
+            changed = any_rank(changed)
+        if changed:
+            self.log(loggers, step, is_global_zero=is_global_zero, final=final)
+        return changed
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self, all_gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, Any]:
+        """The state to checkpoint: ``last_logged`` and ``telemetry`` entries of a normalizer state.
+
+        Args:
+            all_gather: every rank's tensor stacked along a new first dim (a collective, e.g.
+                ``fabric.all_gather``): the open interval saved is then that of all ranks
+                together, which one rank resumes. ``None``: this rank's own, no collective.
+        """
+        interval = dict(self._pending_interval)
+        interval.update({tag: m.partials().cpu() for tag, m in self._interval.items()})
+        tags = sorted(self.normalizers.named_normalizers())
+        if all_gather is not None and tags:
+            local = torch.stack([self._metrics(tag).partials() for tag in tags])
+            reduced = IntervalMetrics.sum_over_ranks(all_gather(local)).cpu()
+            interval = dict(zip(tags, reduced.unbind(0), strict=True))
         return {
-            "batch_shift": torch.where(torch.isinf(shift), torch.nan, shift),
-            "clip_fraction": torch.where(values > 0, fraction, torch.nan),
+            "last_logged": {tag: m._asdict() for tag, m in self._last_logged.items()},
+            "telemetry": {
+                "last_logged_step": self._last_logged_step,
+                "logged_counts": {tag: list(c) for tag, c in self._logged_counts.items()},
+                "interval": interval,
+                "heatmaps": {tag: h.state_dict() for tag, h in self._heatmaps.items()},
+            },
         }
 
-    def compute_and_reset(self) -> dict[str, Tensor]:
-        """:meth:`compute`, then start a new interval."""
-        return self.compute(reset=True)
+    def load_state_dict(self, state: Mapping[str, Any], *, is_global_zero: bool = True) -> None:
+        """Restore :meth:`state_dict` (after the normalizers' statistics are restored).
+
+        States written before the ``telemetry`` entry existed resume from what they imply.
+
+        Args:
+            state: a normalizer state holding ``last_logged`` and ``telemetry`` entries.
+            is_global_zero: whether this process resumes the saved open interval (the sum over
+                all ranks: only one rank may resume it).
+        """
+        device = self.normalizers.device
+        self._last_logged = {
+            tag: _to(Moments(**m), device) for tag, m in state.get("last_logged", {}).items()
+        }
+        self._interval.clear()
+        self._pending_interval = {}
+        self._heatmaps = {}
+        telemetry = state.get("telemetry")
+        if telemetry is None:  # an older checkpoint: what it implies
+            self._last_logged_step = None
+            nonfinite = {tag: c[1] for tag, c in self._counts().items()}
+            self._logged_counts = {
+                tag: (int(m.count), nonfinite.get(tag, 0)) for tag, m in self._last_logged.items()
+            }
+            return
+        step = telemetry.get("last_logged_step")
+        self._last_logged_step = None if step is None else int(step)
+        self._logged_counts = {
+            tag: (int(c[0]), int(c[1])) for tag, c in telemetry.get("logged_counts", {}).items()
+        }
+        if is_global_zero:
+            self._pending_interval = {
+                tag: t.detach().cpu() for tag, t in telemetry.get("interval", {}).items()
+            }
+        for tag, columns in telemetry.get("heatmaps", {}).items():
+            heatmap = self._heatmaps[tag] = DriftHeatmap()
+            heatmap.load_state_dict(columns)
+
+    # ------------------------------------------------------------------ internals
+
+    def _metrics(self, tag: str) -> IntervalMetrics:
+        metrics = self._interval.get(tag)
+        if metrics is None:
+            device = self.normalizers.named_normalizers()[tag].mean.device
+            metrics = self._interval[tag] = IntervalMetrics(device)
+            pending = self._pending_interval.pop(tag, None)
+            if pending is not None:
+                metrics.load_partials(pending)
+        return metrics
+
+    def _counts(self) -> dict[str, tuple[int, int]]:
+        """Samples and non-finite rows seen per statistic: equal on every rank when synced."""
+        return {
+            tag: (int(norm.moments.count), int(norm.nonfinite_count))
+            for tag, norm in self.normalizers.named_normalizers().items()
+        }
+
+    def _write(
+        self,
+        loggers: Sequence[Logger],
+        step: int,
+        metrics: dict[str, float],
+        histograms: dict[str, Tensor],
+        images: dict[str, Tensor],
+    ) -> None:
+        for logger in loggers:
+            logger.log_metrics(metrics, step=step)
+        if not self.histograms:
+            return
+        for writer in tensorboard_writers(loggers):
+            for tag, values in histograms.items():
+                if values.numel():
+                    writer.add_histogram(f"{tag}_hist", values.detach().cpu(), global_step=step)
+            for tag, image in images.items():
+                writer.add_image(tag, image, global_step=step, dataformats="CHW")
+
+
+def _clone(moments: Moments) -> Moments:
+    return Moments(*(None if t is None else t.detach().clone() for t in moments))
+
+
+def _to(moments: Moments, device: torch.device | None) -> Moments:
+    return Moments(*(None if t is None else t.to(device) for t in moments))

@@ -1,0 +1,72 @@
+"""IntervalMetrics: a logging interval's largest batch shift and clip fraction, and its state."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from rlnorm.lightning.interval import IntervalMetrics
+
+F64 = torch.float64
+
+
+def test_interval_metrics_aggregate_max_shift_and_weighted_clip_fraction() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    for value in (0.5, 2.0, 1.0):
+        metrics.update_shift(torch.tensor(value, dtype=F64))
+    metrics.update_clipped(torch.tensor([[10.0, 0.0], [-10.0, 3.0]]), clip=10.0)  # 2 of 4
+    metrics.update_clipped(torch.tensor([0.0, 9.99]), clip=10.0)  # 0 of 2
+    metrics.update_clipped(torch.empty(0, 2), clip=10.0)  # nothing
+    out = metrics.compute_and_reset()
+    assert set(out) == {"batch_shift", "clip_fraction"}
+    assert float(out["batch_shift"]) == 2.0
+    assert float(out["clip_fraction"]) == pytest.approx(2.0 / 6.0)
+
+
+def test_interval_metrics_are_nan_when_the_interval_is_empty_and_reset_after_compute() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compute before update" noise escapes
+        out = metrics.compute_and_reset()
+    assert math.isnan(float(out["batch_shift"]))
+    assert math.isnan(float(out["clip_fraction"]))
+    metrics.update_shift(torch.tensor(3.0))
+    metrics.update_clipped(torch.tensor([5.0]), clip=1.0)
+    first = metrics.compute_and_reset()
+    assert (float(first["batch_shift"]), float(first["clip_fraction"])) == (3.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = metrics.compute_and_reset()
+    assert math.isnan(float(second["batch_shift"]))
+    assert math.isnan(float(second["clip_fraction"]))
+
+
+def test_interval_metrics_ignore_nan_shifts() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    metrics.update_shift(torch.tensor(math.nan))
+    metrics.update_shift(torch.tensor(0.25))
+    assert float(metrics.compute_and_reset()["batch_shift"]) == 0.25
+
+
+def test_interval_partials_carry_host_and_device_clipped_counts_into_a_new_instance() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    metrics.update_shift(torch.tensor(0.75, dtype=F64))
+    metrics.add_clipped(3, 10)  # a host int, as the native CPU path counts
+    metrics.add_clipped(torch.tensor(2), 10)  # a tensor, as the torch path counts
+    partials = metrics.partials()
+    assert partials.tolist() == [0.75, 5.0, 20.0]
+    resumed = IntervalMetrics(torch.device("cpu"))
+    resumed.load_partials(partials)
+    # Reading without a reset keeps the interval open.
+    peek = metrics.compute(reset=False)
+    assert torch.equal(metrics.partials(), partials)
+    want, got = metrics.compute_and_reset(), resumed.compute_and_reset()
+    for key in ("batch_shift", "clip_fraction"):
+        assert float(peek[key]) == float(want[key]) == float(got[key])
+    assert float(want["clip_fraction"]) == 0.25
+    assert metrics.partials().tolist() == [-math.inf, 0.0, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        resumed.load_partials(torch.zeros(2))
