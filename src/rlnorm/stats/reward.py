@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from rlnorm import _validation as check
 from rlnorm.algebra.moments import Moments
 from rlnorm.backends.dispatch import discounted_returns
-from rlnorm.stats.running_mean_std import RunningMeanStd, check_input
+from rlnorm.stats.inputs import check_input
+from rlnorm.stats.running_mean_std import RunningMeanStd
 
 __all__ = ["RewardNormalizer"]
 

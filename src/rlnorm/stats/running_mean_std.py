@@ -8,6 +8,7 @@ functions of :mod:`rlnorm.algebra`, and every update and normalize goes through 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from typing import Any, Literal, overload
 
 import torch
@@ -27,36 +28,9 @@ from rlnorm.algebra.state import (
 )
 from rlnorm.backends.dispatch import Dispatcher, Settings, store
 from rlnorm.stats.distributed import Sync
+from rlnorm.stats.inputs import check_input, checked_settings, flatten
 
-__all__ = ["RunningMeanStd", "check_input"]
-
-
-def check_input(name: str, x: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    """Check that ``x`` is a real tensor on ``device`` of shape ``(*batch, *shape)``.
-
-    Args:
-        name: the argument's name, for the message.
-        x: the tensor.
-        shape: the feature shape it must end in.
-        device: the statistics' device.
-
-    Raises:
-        TypeError: ``x`` is not a real tensor.
-        ValueError: ``x`` is on another device or its shape does not end in ``shape``.
-
-    Example:
-        >>> import torch
-        >>> check_input("x", torch.zeros(4, 3), (3,), torch.device("cpu"))
-    """
-    # The common case in two cheap tests (this runs on every environment step).
-    if not (type(x) is Tensor and x.is_cpu and device.type == "cpu" and not x.is_complex()):
-        check.check_tensor(name, x, device)
-    ndim = len(shape)
-    if x.dim() < ndim or tuple(x.shape[x.dim() - ndim :]) != shape:
-        raise ValueError(
-            f"`{name}` must have shape (*batch, *{shape}) to match the normalizer's "
-            f"`shape`, got {tuple(x.shape)}."
-        )
+__all__ = ["RunningMeanStd"]
 
 
 class RunningMeanStd(nn.Module):
@@ -146,28 +120,9 @@ class RunningMeanStd(nn.Module):
     ) -> None:
         super().__init__()
         self.shape = check.check_shape("shape", shape)
-        self.momentum = (
-            None
-            if momentum is None
-            else check.check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        )
-        self.clip = (
-            None if clip is None else check.check_float("clip", clip, low=0.0, low_open=True)
-        )
-        self.epsilon = check.check_float("epsilon", epsilon, low=0.0, low_open=True)
-        self.until = None if until is None else check.check_positive_int("until", until)
-        if not isinstance(center, bool):
-            raise TypeError(f"`center` must be a bool, got {center!r}.")
-        self.center = center
-        if var_floor is not None:
-            if momentum is None:
-                raise ValueError(
-                    f"`var_floor` applies to EMA statistics only; got var_floor={var_floor!r} "
-                    "with momentum=None. Set `momentum` or drop `var_floor`."
-                )
-            var_floor = check.check_float("var_floor", var_floor, low=0.0, high=1.0, low_open=True)
-        self.var_floor = var_floor
-        self.nonfinite = check.check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        settings = checked_settings(momentum, var_floor, until, nonfinite, clip, epsilon, center)
+        (self.momentum, self.var_floor, self.until, self.nonfinite) = settings[:4]
+        (self.clip, self.epsilon, self.center) = settings[4:]
         if not isinstance(sync, bool):
             raise TypeError(f"`sync` must be a bool, got {sync!r}.")
         self.sync = sync
@@ -233,7 +188,7 @@ class RunningMeanStd(nn.Module):
         return self._sync.group
 
     @property
-    def _lock(self) -> Any:
+    def _lock(self) -> AbstractContextManager[bool]:
         """Serializes writers and the normalize cache refresh (a ``threading.RLock``)."""
         return self._dispatch.lock
 
@@ -271,7 +226,7 @@ class RunningMeanStd(nn.Module):
             return self._update(x, mask)
 
     def _update(self, x: Tensor, mask: Tensor | None) -> Moments:
-        flat, weights = self._flatten(x, mask)
+        flat, weights = flatten(x, mask, self.shape, self._device)
         reducer = self._sync if self.sync and self._sync.active() else None
         return self._dispatch.update(self.state, flat, weights, self.settings, x.shape, reducer)
 
@@ -375,23 +330,6 @@ class RunningMeanStd(nn.Module):
     @property
     def _device(self) -> torch.device:
         return self._buffers["mean"].device  # type: ignore[union-attr]
-
-    def _flatten(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``x`` as ``(rows, features)`` and the mask as float64 row weights."""
-        check_input("x", x, self.shape, self._device)
-        batch_shape = tuple(x.shape[: x.dim() - len(self.shape)])
-        if x.dtype == torch.bool:
-            x = x.to(torch.uint8)
-        flat = x.reshape(-1, self.numel)
-        if mask is None:
-            return flat, None
-        check.check_tensor("mask", mask, self._device)
-        if tuple(mask.shape) != batch_shape:
-            raise ValueError(
-                f"`mask` must have the batch shape {batch_shape} of `x` (x has shape "
-                f"{tuple(x.shape)}, the normalizer shape {self.shape}), got {tuple(mask.shape)}."
-            )
-        return flat, mask.reshape(-1).to(torch.float64)
 
     def _apply(self, fn: Any, recurse: bool = True) -> RunningMeanStd:
         """Device moves apply; dtype casts (``.half()``, ``.float()``) keep float64 statistics."""
