@@ -1,4 +1,4 @@
-"""Dispatch to rlnorm's optional native CPU kernels (``rlnorm/_kernels.c``).
+"""rlnorm's optional native CPU kernels (``rlnorm/backends/_kernels.c``), where they apply.
 
 On the CPU, torch runs an update as about fifty small operations and several passes over the
 batch (a float64 reduction over rows alone costs about thirty plain sums), so per-call overhead
