@@ -243,8 +243,8 @@ def test_eager_cuda_calls_replay_graphs_bitwise_equal_to_eager(masked, momentum)
         y = graphed.normalize(x)
         assert torch.equal(y.nan_to_num(7.0), eager.normalize(x).nan_to_num(7.0))
     # The first call of a signature runs eagerly (warm-up), the second is captured.
-    assert len(graphed._update_graphs._graphs) == 1
-    assert len(graphed._normalize_graphs._graphs) == 1
+    assert len(graphed._dispatch.update_graphs._graphs) == 1
+    assert len(graphed._dispatch.normalize_graphs._graphs) == 1
 
 
 def test_graph_outputs_are_fresh_tensors_each_call() -> None:
@@ -278,7 +278,7 @@ def test_many_signatures_and_device_moves_stay_correct() -> None:
         eager.update(x)
     assert_state_equal(cuda_state(graphed), cuda_state(eager))
     graphed.cpu()
-    assert not graphed._update_graphs._graphs
+    assert not graphed._dispatch.update_graphs._graphs
     graphed.cuda()
     x = torch.randn(5, 3, device="cuda")
     for _ in range(3):
@@ -294,8 +294,8 @@ def test_graphs_can_be_turned_off() -> None:
         for _ in range(3):
             rms.update(x)
             rms.normalize(x)
-    assert not rms._update_graphs._graphs
-    assert not rms._normalize_graphs._graphs
+    assert not rms._dispatch.update_graphs._graphs
+    assert not rms._dispatch.normalize_graphs._graphs
 
 
 def test_environment_variable_turns_graphs_off() -> None:

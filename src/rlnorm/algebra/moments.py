@@ -26,10 +26,12 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 from torch import Tensor
+
+from rlnorm.algebra.fields import Field
 
 __all__ = [
     "Moments",
@@ -79,6 +81,9 @@ class Moments(NamedTuple):
 class ShiftedSums(NamedTuple):
     """Weighted sums of a batch around ``shift``; they add exactly across chunks and ranks.
 
+    Each field declares how the distributed all-reduce combines it (see
+    :mod:`rlnorm.algebra.fields`): everything is summed over ranks but the common ``shift``.
+
     Attributes:
         weight: total weight of the valid rows (float64, 0-d).
         count: number of valid rows with non-zero weight (int64, 0-d).
@@ -88,12 +93,12 @@ class ShiftedSums(NamedTuple):
         shift: the float64 shift the sums are taken around.
     """
 
-    weight: Tensor
-    count: Tensor
-    sum: Tensor
-    sum_sq: Tensor
-    nonfinite: Tensor
-    shift: Tensor
+    weight: Annotated[Tensor, Field(torch.float64)]
+    count: Annotated[Tensor, Field(torch.int64)]
+    sum: Annotated[Tensor, Field(torch.float64, per_feature=True)]
+    sum_sq: Annotated[Tensor, Field(torch.float64, per_feature=True)]
+    nonfinite: Annotated[Tensor, Field(torch.int64)]
+    shift: Annotated[Tensor, Field(torch.float64, per_feature=True, reduce=None)]
 
 
 def empty_moments(shape: tuple[int, ...], device: torch.device | str | None = None) -> Moments:
@@ -172,8 +177,8 @@ def shifted_sums(
         weights: optional float64 row weights of shape ``(N,)``; ``None`` means 1. Negative,
             NaN and infinite weights count as 0 (see :func:`usable_weights`).
         shift: float64 tensor of shape ``(D,)`` to sum around.
-        chunk_elements: elements converted at a time; defaults by device. Left ``None``,
-            eager float32/float64 CPU batches take the fused native kernel when it is built.
+        chunk_elements: elements converted at a time; defaults by device. (The fused native
+            CPU kernel is chosen a layer up, in :func:`rlnorm.backends.dispatch.shifted_sums`.)
 
     Returns:
         The :class:`ShiftedSums` of the batch.
@@ -181,11 +186,6 @@ def shifted_sums(
     n, d = x.shape
     device = x.device
     if chunk_elements is None:
-        from rlnorm.backends import native as _native  # imports this module
-
-        native = _native.try_shifted_sums(x, weights, shift)
-        if native is not None:
-            return native
         chunk_elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     chunk_rows = max(1, chunk_elements // max(d, 1))
     f64 = {"dtype": torch.float64, "device": device}

@@ -1,4 +1,4 @@
-"""Dispatch to rlnorm's optional native CPU kernels (``rlnorm/_kernels.c``).
+"""rlnorm's optional native CPU kernels (``rlnorm/backends/_kernels.c``), where they apply.
 
 On the CPU, torch runs an update as about fifty small operations and several passes over the
 batch (a float64 reduction over rows alone costs about thirty plain sums), so per-call overhead
@@ -23,19 +23,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rlnorm import _validation as check
+from rlnorm.algebra.affine import Affine
+from rlnorm.algebra.fields import fields
 from rlnorm.algebra.moments import Moments, ShiftedSums
-
-if TYPE_CHECKING:
-    from rlnorm.stats.running_mean_std import RunningMeanStd
+from rlnorm.algebra.state import State
 
 _kernels: ModuleType | None
 try:
@@ -43,7 +43,20 @@ try:
 except ImportError:  # built without a C compiler: the torch code path serves
     _kernels = None
 
-__all__ = ["available", "calls", "enabled", "native_kernels", "scratch_peak"]
+__all__ = [
+    "StatePointers",
+    "affine_args",
+    "available",
+    "calls",
+    "eligible",
+    "enabled",
+    "native_kernels",
+    "normalize",
+    "scratch_peak",
+    "try_discounted_returns",
+    "try_shifted_sums",
+    "try_update",
+]
 
 _FLOATS = (torch.float32, torch.float64)
 _enabled = _kernels is not None and os.environ.get("RLNORM_NATIVE", "1") != "0"
@@ -119,46 +132,79 @@ def eligible(x: Tensor) -> bool:
     )
 
 
-#: The buffers the update kernel writes, in the order of its arguments, and their dtypes.
-_STATE = ("mean", "var", "mean_residual", "weight_sum", "count", "nonfinite_count")
-_STATE_DTYPES = (torch.float64,) * 4 + (torch.int64,) * 2
-
-
-def _state_pointers(rms: RunningMeanStd) -> tuple[int, ...] | None:
-    """Addresses of ``rms``'s buffers if the kernels may write them, else ``None``.
-
-    They must be contiguous CPU float64 (the counts int64), of the sizes the kernel writes
-    (``numel`` features, or one value), and not inference tensors. The answer is cached on the
-    module and reused while the buffers are the same objects at the same addresses and sizes:
-    ``.to()`` replaces them, ``load_state_dict`` copies into them.
-    """
-    buffers = rms._buffers
-    cached = rms._native_state
-    if cached is not None:
-        tensors, pointers, sizes = cached
-        for name, t, p, n in zip(_STATE, tensors, pointers, sizes):  # noqa: B905 (hot path)
-            b = buffers[name]
-            if b is not t or b.data_ptr() != p or b.numel() != n:  # type: ignore[union-attr]
-                break
-        else:
-            return pointers
-    state = tuple(buffers[name] for name in _STATE)
-    sizes = (rms.numel,) * 3 + (1, 1, 1)
-    ok = all(
-        t is not None
-        and t.is_cpu
-        and t.dtype == dtype
-        and t.numel() == size
-        and t.is_contiguous()
-        and not t.is_inference()
-        for t, dtype, size in zip(state, _STATE_DTYPES, sizes, strict=True)
+#: The state arguments of the update kernel (``k_update`` in ``_kernels.c``): the per-feature
+#: buffers, then the floating and the integer scalars, each group in declaration order.
+_KERNEL_STATE = tuple(
+    sorted(
+        ((i, field) for i, (_, field) in enumerate(fields(State))),
+        key=lambda item: (not item[1].per_feature, not item[1].dtype.is_floating_point),
     )
-    if not ok:
-        rms._native_state = None
-        return None
-    pointers = tuple(t.data_ptr() for t in state)  # type: ignore[union-attr]
-    rms._native_state = (state, pointers, sizes)  # type: ignore[assignment]
-    return pointers
+)
+
+
+class StatePointers:
+    """Addresses of one normalizer's state buffers that the update kernel may write, cached.
+
+    The buffers must be contiguous CPU tensors of their declared dtype and size (``numel``
+    features, or one value), and not inference tensors. The answer is reused while the
+    buffers are the same objects at the same addresses and sizes: ``.to()`` replaces them,
+    ``load_state_dict`` copies into them.
+
+    Example:
+        >>> from rlnorm.algebra.state import initial_state
+        >>> pointers = StatePointers()
+        >>> len(pointers.get(initial_state((3,), prior_weight=0.0), 3))
+        6
+    """
+
+    def __init__(self) -> None:
+        # (buffers, their addresses, their sizes), in the kernel's argument order.
+        self._cached: tuple[tuple[Tensor, ...], tuple[int, ...], tuple[int, ...]] | None = None
+
+    def clear(self) -> None:
+        """Forget the cached addresses (the buffers were replaced or moved)."""
+        self._cached = None
+
+    def get(self, state: State, numel: int) -> tuple[int, ...] | None:
+        """The kernel's state addresses, in its argument order, or ``None`` when ineligible.
+
+        Args:
+            state: the normalizer's buffers.
+            numel: its number of features.
+
+        Returns:
+            The addresses; the buffers they belong to are then :attr:`tensors`.
+        """
+        cached = self._cached
+        if cached is not None:
+            tensors, pointers, sizes = cached
+            for (i, _), t, p, n in zip(_KERNEL_STATE, tensors, pointers, sizes):  # noqa: B905 (hot path)
+                b = state[i]
+                if b is not t or b.data_ptr() != p or b.numel() != n:
+                    break
+            else:
+                return pointers
+        tensors = tuple(state[i] for i, _ in _KERNEL_STATE)
+        sizes = tuple(numel if field.per_feature else 1 for _, field in _KERNEL_STATE)
+        ok = all(
+            t.is_cpu
+            and t.dtype == field.dtype
+            and t.numel() == size
+            and t.is_contiguous()
+            and not t.is_inference()
+            for t, (_, field), size in zip(tensors, _KERNEL_STATE, sizes, strict=True)
+        )
+        if not ok:
+            self._cached = None
+            return None
+        pointers = tuple(t.data_ptr() for t in tensors)
+        self._cached = (tensors, pointers, sizes)
+        return pointers
+
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The buffers of the addresses :meth:`get` last returned (none before)."""
+        return () if self._cached is None else self._cached[0]
 
 
 def _increment_versions_each(tensors: tuple[Tensor, ...]) -> None:
@@ -183,25 +229,44 @@ _increment_versions = _pick_increment_versions()
 
 
 def try_update(
-    rms: RunningMeanStd, flat: Tensor, weights: Tensor | None, input_shape: torch.Size
+    pointers: StatePointers,
+    state: State,
+    flat: Tensor,
+    weights: Tensor | None,
+    momentum: float | None,
+    var_floor: float | None,
+    until: int | None,
+    raise_nonfinite: bool,
+    input_shape: torch.Size,
 ) -> Moments | None:
-    """Fold a ``(rows, features)`` batch into ``rms`` with one native call.
+    """Fold a ``(rows, features)`` batch into ``state`` with one native call.
+
+    Args:
+        pointers: the normalizer's cache of its buffers' addresses.
+        state: its buffers, written in place.
+        flat: the batch.
+        weights: optional float64 row weights.
+        momentum: ``None`` for the exact merge, else the EMA momentum.
+        var_floor: the EMA variance floor, if any.
+        until: stop counting at this many samples, if any.
+        raise_nonfinite: refuse batches with NaN or Inf rows instead of skipping them.
+        input_shape: the batch's shape as given, for the error message.
 
     Returns:
-        The batch's moments, as :meth:`RunningMeanStd.update` returns them, or ``None`` when
-        the native path does not apply (the caller runs the torch code).
+        The batch's moments, in the state's feature shape, or ``None`` when the native path
+        does not apply (the caller runs the torch code).
 
     Raises:
-        ValueError: ``nonfinite="raise"`` and the batch holds NaN or Inf rows; the statistics
-            are unchanged.
+        ValueError: ``raise_nonfinite`` and the batch holds NaN or Inf rows; the state is
+            unchanged.
     """
     if not eligible(flat) or (weights is not None and not weights.is_contiguous()):
         return None
-    pointers = _state_pointers(rms)
-    if pointers is None:
-        return None
     n, d = flat.shape
-    shape = rms.shape
+    addresses = pointers.get(state, d)
+    if addresses is None:
+        return None
+    shape = state.mean.shape
     mean, var, mean_residual = torch.empty((3, *shape), dtype=torch.float64).unbind()
     weight = torch.empty((), dtype=torch.float64)
     count = torch.empty((), dtype=torch.int64)
@@ -211,11 +276,11 @@ def try_update(
         n,
         d,
         0 if weights is None else weights.data_ptr(),
-        *pointers,
-        -1.0 if rms.momentum is None else rms.momentum,
-        -1.0 if rms.var_floor is None else rms.var_floor,
-        -1 if rms.until is None else rms.until,
-        rms.nonfinite == "raise",
+        *addresses,
+        -1.0 if momentum is None else momentum,
+        -1.0 if var_floor is None else var_floor,
+        -1 if until is None else until,
+        raise_nonfinite,
         mean.data_ptr(),
         var.data_ptr(),
         mean_residual.data_ptr(),
@@ -226,7 +291,7 @@ def try_update(
     _calls["update"] += 1
     if not applied:
         raise check.nonfinite_error(nonfinite, input_shape)
-    _increment_versions(rms._native_state[0])  # type: ignore[index]  # set by _state_pointers
+    _increment_versions(pointers.tensors)
     return Moments(weight, count, mean, var, mean_residual)
 
 
@@ -235,7 +300,11 @@ def _is_cpu_f64(t: Tensor) -> bool:
 
 
 def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSums | None:
-    """Native :func:`~rlnorm.algebra.moments.shifted_sums` of a 2-D batch (``None``: ineligible)."""
+    """Native :func:`~rlnorm.algebra.moments.shifted_sums` of a 2-D batch (``None``: ineligible).
+
+    Eligible are :func:`eligible` batches with float64 CPU ``shift`` and ``weights`` of the
+    batch's sizes; anything else is left to the torch code, which broadcasts or raises.
+    """
     n, d = x.shape
     if (
         not eligible(x)
@@ -269,17 +338,29 @@ def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> Shifte
     )
 
 
-def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
-    """``rms.normalize(x)`` in one pass, or ``None`` when the native path does not apply.
+def affine_args(a: Affine) -> tuple[int, int, int, float, int]:
+    """The normalize kernel's arguments for the CPU map ``a``: addresses, bound, features.
 
-    ``x`` must already have passed the normalizer's input checks.
+    The bound is passed as a number: one host read, so callers cache the result with ``a``.
+    """
+    high = a.high.reshape(-1)
+    bound = float(high[0]) if high.numel() else math.inf
+    return (
+        a.offset.data_ptr(),
+        a.offset_lo.data_ptr(),
+        a.scale.data_ptr(),
+        bound,
+        a.offset.numel(),
+    )
+
+
+def normalize(x: Tensor, args: tuple[int, int, int, float, int]) -> tuple[Tensor, int]:
+    """Normalize an :func:`eligible` ``x`` in one pass with the map of :func:`affine_args`.
 
     Returns:
         The normalized tensor and how many of its values sit at the clamp bound.
     """
-    if not eligible(x) or not rms._buffers["mean"].is_cpu:  # type: ignore[union-attr]
-        return None
-    _, (offset, offset_lo, scale, bound, d) = rms._cached_affine(x.dtype)
+    offset, offset_lo, scale, bound, d = args
     out = torch.empty_like(x)
     at_bound = _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
@@ -300,7 +381,7 @@ def try_normalize(rms: RunningMeanStd, x: Tensor) -> tuple[Tensor, int] | None:
 def try_discounted_returns(
     rewards: Tensor, dones: Tensor, returns: Tensor, gamma: float
 ) -> tuple[Tensor, Tensor] | None:
-    """The return recursion of :meth:`RewardNormalizer.update` over a ``(T, envs)`` rollout.
+    """:func:`~rlnorm.algebra.returns.discounted_returns` over a ``(T, envs)`` rollout.
 
     Returns:
         The trajectory of returns fed to the statistics (NaN at non-finite rewards) and the

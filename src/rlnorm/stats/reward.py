@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from rlnorm import _validation as check
 from rlnorm.algebra.moments import Moments
-from rlnorm.backends import native as _native
+from rlnorm.backends.dispatch import discounted_returns
+from rlnorm.stats.inputs import check_input
 from rlnorm.stats.running_mean_std import RunningMeanStd
 
 __all__ = ["RewardNormalizer"]
@@ -158,21 +159,7 @@ class RewardNormalizer(nn.Module):
     def _update(self, steps: Tensor, dones: Tensor) -> Moments:
         if self.mode == "reward":
             return self.stats.update(steps)
-        native = _native.try_discounted_returns(steps, dones, self.returns, self.gamma)
-        if native is not None:
-            trajectory, returns = native
-            batch = self.stats.update(trajectory)
-            self.returns.copy_(returns)
-            return batch
-        returns = self.returns
-        trajectory = torch.empty(steps.shape, dtype=torch.float64, device=steps.device)
-        for t in range(steps.shape[0]):
-            reward = steps[t]
-            finite = torch.isfinite(reward)
-            returns = torch.where(finite, returns * self.gamma + reward, returns)
-            # A non-finite reward goes to the statistics as NaN: skipped there and counted.
-            trajectory[t] = torch.where(finite, returns, torch.nan)
-            returns = torch.where(dones[t], 0.0, returns)
+        trajectory, returns = discounted_returns(steps, dones, self.returns, self.gamma)
         # Statistics first: with nonfinite="raise" they raise before the returns move.
         batch = self.stats.update(trajectory)
         self.returns.copy_(returns)
@@ -188,13 +175,13 @@ class RewardNormalizer(nn.Module):
             Scaled and clipped rewards in ``rewards``' dtype.
         """
         rewards = self._as_tensor("rewards", rewards)
-        self.stats._check_input(rewards, name="rewards")
+        check_input("rewards", rewards, (), self.returns.device)
         return self.stats.normalize(rewards)
 
     def denormalize(self, rewards: Tensor) -> Tensor:
         """Inverse of :meth:`normalize` where not clipped."""
         rewards = self._as_tensor("rewards", rewards)
-        self.stats._check_input(rewards, name="rewards")
+        check_input("rewards", rewards, (), self.returns.device)
         return self.stats.denormalize(rewards)
 
     def forward(self, rewards: Tensor) -> Tensor:

@@ -1,48 +1,36 @@
-"""``RunningMeanStd``: exact (or EMA) running statistics of observations, as a ``nn.Module``."""
+"""``RunningMeanStd``: exact (or EMA) running statistics of observations, as a ``nn.Module``.
+
+A thin shell: the state is declared in :mod:`rlnorm.algebra.state`, the formulas are the pure
+functions of :mod:`rlnorm.algebra`, and every update and normalize goes through one door,
+:class:`rlnorm.backends.dispatch.Dispatcher`, which picks native kernels, CUDA graphs or torch.
+"""
 
 from __future__ import annotations
 
 import math
-import threading
-from typing import Any, Literal, NamedTuple, overload
+from contextlib import AbstractContextManager
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlnorm import _validation as check
-from rlnorm.algebra.moments import (
-    SHIFT_ROWS,
-    Moments,
-    batch_moments,
-    batch_shift,
-    empty_moments,
-    merge,
-    merge_ema,
-    residual,
-    shifted_sums,
+from rlnorm.algebra.affine import Affine, affine, compute_dtype, denormalize
+from rlnorm.algebra.moments import Moments, merge
+from rlnorm.algebra.state import (
+    State,
+    as_moments,
+    check_loadable,
+    fill_legacy,
+    from_moments,
+    initial_state,
 )
-from rlnorm.backends import cuda_graphs
-from rlnorm.backends import native as _native
-from rlnorm.stats.distributed import agree_shift, all_reduce_sums, is_distributed
+from rlnorm.backends.dispatch import Dispatcher, Settings, store
+from rlnorm.stats.distributed import Sync
+from rlnorm.stats.inputs import check_input, checked_settings, flatten
 
 __all__ = ["RunningMeanStd"]
-
-
-class Affine(NamedTuple):
-    """``normalize(x) = clamp(((x - offset) - offset_lo) * scale, low, high)``, in one dtype.
-
-    ``offset + offset_lo`` is the mean to twice the precision of the dtype.
-    """
-
-    offset: Tensor
-    offset_lo: Tensor
-    scale: Tensor
-    low: Tensor
-    high: Tensor
-
-
-_STATE_KEYS = ("mean", "var", "count", "weight_sum", "nonfinite_count", "mean_residual")
 
 
 class RunningMeanStd(nn.Module):
@@ -112,6 +100,7 @@ class RunningMeanStd(nn.Module):
     count: Tensor
     weight_sum: Tensor
     nonfinite_count: Tensor
+    mean_residual: Tensor
 
     def __init__(
         self,
@@ -131,32 +120,12 @@ class RunningMeanStd(nn.Module):
     ) -> None:
         super().__init__()
         self.shape = check.check_shape("shape", shape)
-        self.momentum = (
-            None
-            if momentum is None
-            else check.check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        )
-        self.clip = (
-            None if clip is None else check.check_float("clip", clip, low=0.0, low_open=True)
-        )
-        self.epsilon = check.check_float("epsilon", epsilon, low=0.0, low_open=True)
-        self.until = None if until is None else check.check_positive_int("until", until)
-        if not isinstance(center, bool):
-            raise TypeError(f"`center` must be a bool, got {center!r}.")
-        self.center = center
-        if var_floor is not None:
-            if momentum is None:
-                raise ValueError(
-                    f"`var_floor` applies to EMA statistics only; got var_floor={var_floor!r} "
-                    "with momentum=None. Set `momentum` or drop `var_floor`."
-                )
-            var_floor = check.check_float("var_floor", var_floor, low=0.0, high=1.0, low_open=True)
-        self.var_floor = var_floor
-        self.nonfinite = check.check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        settings = checked_settings(momentum, var_floor, until, nonfinite, clip, epsilon, center)
+        (self.momentum, self.var_floor, self.until, self.nonfinite) = settings[:4]
+        (self.clip, self.epsilon, self.center) = settings[4:]
         if not isinstance(sync, bool):
             raise TypeError(f"`sync` must be a bool, got {sync!r}.")
         self.sync = sync
-        self.process_group = process_group
         self.prior_weight = check.check_float("prior_weight", prior_weight, low=0.0)
         if self.prior_weight > 0 and momentum is not None:
             raise ValueError(
@@ -169,29 +138,13 @@ class RunningMeanStd(nn.Module):
         # Normal tensors even when built under `torch.inference_mode()` (a deployment wrapper):
         # inference tensors cannot be updated outside that mode and keep no version counter.
         with torch.inference_mode(False):
-            state = self._initial_moments(device)
-            nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
-        self.register_buffer("mean", state.mean)
-        self.register_buffer("var", state.var)
-        self.register_buffer("count", state.count)
-        self.register_buffer("weight_sum", state.weight)
-        self.register_buffer("nonfinite_count", nonfinite_count)
-        # The exact mean is `mean + mean_residual` (see `Moments.mean_residual`).
-        self.register_buffer("mean_residual", state.mean_residual)
-        # Shift agreed across ranks at the first synchronised update (see `_shift`). Once set it
-        # is kept (moved by `.to()`, kept by `reset` and loads): whether a rank runs the extra
-        # collective must not depend on anything one rank can do alone.
-        self._agreed_shift: Tensor | None = None
-        # Serializes writers (update, merge_, reset, loads) and the refresh of normalize's cache:
-        # two threads updating at once would otherwise lose each other's rows.
-        self._lock = threading.RLock()
-        # Buffers the native kernels were last cleared to write (see `_native._state_ok`).
-        self._native_state: tuple[tuple[Tensor, ...], tuple[int, ...], tuple[int, ...]] | None
-        self._native_state = None
-        self._affine_cache: tuple[tuple, Affine, tuple[int, int, int, float, int]] | None = None
-        # CUDA graphs of eager CUDA calls, per input signature (see `rlnorm.backends.cuda_graphs`).
-        self._update_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.update")
-        self._normalize_graphs = cuda_graphs.GraphedCalls("RunningMeanStd.normalize")
+            state = initial_state(self.shape, self.prior_weight, device)
+        for name, buffer in zip(State._fields, state, strict=True):
+            self.register_buffer(name, buffer)
+        self._sync = Sync(process_group)
+        # The caches of the backends (kernel addresses, normalize's map, CUDA graphs) and the
+        # lock of the writers (update, merge_, reset, loads) and of the cache refresh.
+        self._dispatch = Dispatcher(type(self).__name__)
 
     # ------------------------------------------------------------------ statistics
 
@@ -201,14 +154,43 @@ class RunningMeanStd(nn.Module):
         return self.var.sqrt()
 
     @property
+    def state(self) -> State:
+        """The statistics buffers as a :class:`~rlnorm.algebra.state.State` (live tensors)."""
+        buffers = self._buffers
+        return State(*[buffers[name] for name in State._fields])  # type: ignore[arg-type]
+
+    @property
     def moments(self) -> Moments:
         """The current state as plain :class:`~rlnorm.algebra.moments.Moments` (live tensors)."""
-        return Moments(self.weight_sum, self.count, self.mean, self.var, self.mean_residual)
+        return as_moments(self.state)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the backends run ``update`` and ``normalize`` with."""
+        return Settings(
+            self.momentum,
+            self.var_floor,
+            self.until,
+            self.nonfinite,
+            self.clip,
+            self.epsilon,
+            self.center,
+        )
 
     @property
     def numel(self) -> int:
         """Number of features, ``prod(shape)``."""
         return math.prod(self.shape)
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group updates are reduced over (``None``: the default group)."""
+        return self._sync.group
+
+    @property
+    def _lock(self) -> AbstractContextManager[bool]:
+        """Serializes writers and the normalize cache refresh (a ``threading.RLock``)."""
+        return self._dispatch.lock
 
     # ------------------------------------------------------------------ updating
 
@@ -235,88 +217,18 @@ class RunningMeanStd(nn.Module):
         microsecond when uncontended), so no rows are lost.
         """
         if type(x) is not Tensor:
-            x = check.as_tensor("x", x, self._buffers["mean"].device)  # type: ignore[union-attr]
+            x = check.as_tensor("x", x, self._device)
         if mask is not None and type(mask) is not Tensor:
-            mask = check.as_tensor("mask", mask, self._buffers["mean"].device)  # type: ignore[union-attr]
+            mask = check.as_tensor("mask", mask, self._device)
         if torch.compiler.is_compiling():  # traced once: no lock in the graph
             return self._update(x, mask)
         with self._lock:
             return self._update(x, mask)
 
     def _update(self, x: Tensor, mask: Tensor | None) -> Moments:
-        flat, weights = self._flatten(x, mask)
-        if not self._should_sync():
-            batch = _native.try_update(self, flat, weights, x.shape)
-            if batch is not None:
-                return batch
-            if self.nonfinite == "skip" and cuda_graphs.eligible(flat):
-                return self._graphed_update(flat, weights)
-        with torch.no_grad():
-            return self._update_torch(x, flat, weights)
-
-    def _graphed_update(self, flat: Tensor, weights: Tensor | None) -> Moments:
-        """``update`` on CUDA through a CUDA graph of it (:mod:`~rlnorm.backends.cuda_graphs`)."""
-        d = self.numel
-
-        def packed_update(flat: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-            with torch.no_grad():
-                m = self._update_torch(flat, flat, weights)
-            # One float64 tensor and the count: two copies out of the graph instead of five.
-            parts = (m.weight.view(1), m.mean.view(-1), m.var.view(-1), residual(m).view(-1))
-            return torch.cat(parts), m.count
-
-        key = (
-            tuple(flat.shape),
-            flat.dtype,
-            weights is None,
-            self.momentum,
-            self.var_floor,
-            self.until,
-            torch.is_inference_mode_enabled(),
-        )
-        with torch.no_grad():  # copies into the graph's inputs must not record autograd history
-            packed, count = self._update_graphs(
-                key,
-                packed_update,
-                (flat, weights),
-                lambda out: (out[0].clone(), out[1].clone()),
-                self._buffer_list(),
-            )
-        return Moments(
-            packed[0],
-            count,
-            packed[1 : 1 + d].view(self.shape),
-            packed[1 + d : 1 + 2 * d].view(self.shape),
-            packed[1 + 2 * d :].view(self.shape),
-        )
-
-    def _update_torch(self, x: Tensor, flat: Tensor, weights: Tensor | None) -> Moments:
-        """``update`` with torch operations (any device, compiled, synchronised)."""
-        if self.until is not None:
-            active = (self.count < self.until).to(torch.float64)
-            weights = active.expand(flat.shape[0]) if weights is None else weights * active
-        shift = self._shift(flat, weights)
-        sums = shifted_sums(flat, weights, shift)
-        if self._should_sync():
-            sums = all_reduce_sums(sums, self.process_group)
-        if self.nonfinite == "raise" and bool(sums.nonfinite > 0):
-            raise check.nonfinite_error(int(sums.nonfinite), x.shape)
-        batch = batch_moments(sums)
-        flat_state = (self.mean.reshape(-1), self.var.reshape(-1), self.mean_residual.reshape(-1))
-        state = Moments(self.weight_sum, self.count, *flat_state)
-        if self.momentum is None:
-            new = merge(state, batch)
-        else:
-            new = merge_ema(state, batch, self.momentum, self.var_floor)
-        self._store(new, self.nonfinite_count + sums.nonfinite)
-        # Built explicitly: some torch.compile versions cannot return `NamedTuple._replace`.
-        return Moments(
-            batch.weight,
-            batch.count,
-            batch.mean.reshape(self.shape),
-            batch.var.reshape(self.shape),
-            residual(batch).reshape(self.shape),
-        )
+        flat, weights = flatten(x, mask, self.shape, self._device)
+        reducer = self._sync if self.sync and self._sync.active() else None
+        return self._dispatch.update(self.state, flat, weights, self.settings, x.shape, reducer)
 
     @torch.no_grad()
     def merge_(self, other: RunningMeanStd) -> RunningMeanStd:
@@ -342,41 +254,15 @@ class RunningMeanStd(nn.Module):
             )
         with self._lock:
             new = merge(self.moments, other.moments)
-            self._store(new, self.nonfinite_count + other.nonfinite_count)
+            store(self.state, from_moments(new, self.nonfinite_count + other.nonfinite_count))
         return self
-
-    def _store(self, new: Moments, nonfinite_count: Tensor) -> None:
-        """Write a new state into the buffers, in place (CUDA graphs keep their addresses).
-
-        Writes go through 1-D views: torch.compile on the CPU drops in-place writes to 0-d
-        float64 buffers (seen with torch 2.11 and 2.13), and 1-D views of them are written.
-        """
-        for buffer, value in (
-            (self.mean, new.mean),
-            (self.var, new.var),
-            (self.count, new.count),
-            (self.weight_sum, new.weight),
-            (self.nonfinite_count, nonfinite_count),
-            (self.mean_residual, residual(new)),
-        ):
-            buffer.view(-1).copy_(value.reshape(-1))
 
     @torch.no_grad()
     def reset(self) -> None:
         """Forget all data: back to count 0, mean 0, variance 1 (and ``prior_weight``)."""
         with self._lock:
-            if self._agreed_shift is not None:
-                # The next synchronised update sums around the last mean, as all ranks do.
-                seen = self.count > 0
-                self._agreed_shift = torch.where(seen, self.mean.reshape(-1), self._agreed_shift)
-            self._store(self._initial_moments(self.mean.device), self.nonfinite_count * 0)
-
-    def _initial_moments(self, device: torch.device | None) -> Moments:
-        """The state before any data: the prior (weight ``prior_weight``) at mean 0, var 1."""
-        state = empty_moments(self.shape, device=device)
-        if self.prior_weight > 0:
-            state.weight.fill_(self.prior_weight)
-        return state
+            self._sync.reset(self.state)
+            store(self.state, initial_state(self.shape, self.prior_weight, self.mean.device))
 
     # ------------------------------------------------------------------ normalizing
 
@@ -413,50 +299,9 @@ class RunningMeanStd(nn.Module):
             The normalized tensor, same shape as ``x`` (and the clipped count if asked).
         """
         if type(x) is not Tensor:
-            x = check.as_tensor("x", x, self._buffers["mean"].device)  # type: ignore[union-attr]
-        self._check_input(x)
-        native = _native.try_normalize(self, x)
-        if native is not None:
-            return native if return_clipped else native[0]
-        if cuda_graphs.eligible(x):
-            key = (
-                tuple(x.shape),
-                x.dtype,
-                self.clip,
-                self.epsilon,
-                self.center,
-                return_clipped,
-                torch.is_inference_mode_enabled(),
-            )
-            return self._normalize_graphs(
-                key,
-                lambda x: self._normalize_torch(x, return_clipped),
-                (x,),
-                lambda out: tuple(t.clone() for t in out) if return_clipped else out.clone(),
-                self._buffer_list(),
-            )
-        return self._normalize_torch(x, return_clipped)
-
-    def _buffer_list(self) -> tuple[Tensor, ...]:
-        """The statistics buffers, which captured CUDA graphs read and write by address."""
-        return tuple(self._buffers.values())  # type: ignore[arg-type]
-
-    def _normalize_torch(
-        self, x: Tensor, return_clipped: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``normalize`` with torch operations (any device, compiled, graph-captured)."""
-        affine = self._affine(x)
-        y = torch.sub(x.to(affine.scale.dtype), affine.offset).sub_(affine.offset_lo)
-        y = y.mul_(affine.scale)
-        if self.clip is not None:
-            y = y.clamp_(affine.low, affine.high)
-        out = y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
-        if not return_clipped:
-            return out
-        if self.clip is None:
-            return out, torch.zeros((), dtype=torch.int64, device=y.device)
-        # Values the clamp set to a finite bound (before any cast back to x's dtype).
-        return out, ((y.abs() == affine.high) & torch.isfinite(affine.high)).sum()
+            x = check.as_tensor("x", x, self._device)
+        check_input("x", x, self.shape, self._device)
+        return self._dispatch.normalize(self.state, x, self.settings, return_clipped)
 
     def denormalize(self, y: Tensor) -> Tensor:
         """Inverse of :meth:`normalize`: ``y * sqrt(var + epsilon) + mean`` where not clipped.
@@ -468,164 +313,23 @@ class RunningMeanStd(nn.Module):
             The tensor in the original units, in ``y``'s dtype.
         """
         if type(y) is not Tensor:
-            y = check.as_tensor("y", y, self._buffers["mean"].device)  # type: ignore[union-attr]
-        self._check_input(y, name="y")
-        affine = self._affine(y)
-        dtype = affine.scale.dtype
-        return (
-            torch.div(y.to(dtype), affine.scale)
-            .add_(affine.offset_lo)
-            .add_(affine.offset)
-            .to(y.dtype if y.is_floating_point() else dtype)
-        )
+            y = check.as_tensor("y", y, self._device)
+        check_input("y", y, self.shape, self._device)
+        return denormalize(y, self._dispatch.affine(self.state, self.settings, compute_dtype(y)))
 
     def forward(self, x: Tensor) -> Tensor:
         """Same as :meth:`normalize`, so the module can sit inside ``nn.Sequential``."""
         return self.normalize(x)
 
+    def _compute_affine(self, dtype: torch.dtype) -> Affine:
+        """The affine map of :meth:`normalize` in ``dtype``, computed afresh (export reads it)."""
+        return affine(self.moments, self.clip, self.epsilon, self.center, dtype)
+
     # ------------------------------------------------------------------ internals
 
-    def _affine(self, x: Tensor) -> Affine:
-        """Offset, scale and clamp bounds in the dtype ``x`` is computed in.
-
-        On the CPU they are cached until a statistic or setting changes (tensor version counters
-        tell), which saves a dozen small kernels per ``normalize`` call. Under ``torch.compile``
-        and on accelerators they are recomputed from the buffers each call, so CUDA graphs and
-        their replays always see the statistics of the moment.
-        """
-        dtype = x.dtype
-        if not x.is_floating_point():
-            dtype = torch.get_default_dtype()
-        elif dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        if torch.compiler.is_compiling() or self.mean.device.type != "cpu":
-            # CUDA-graph replays write the buffers without bumping their version counters, so
-            # accelerators always read the statistics afresh.
-            return self._compute_affine(dtype)
-        return self._cached_affine(dtype)[0]
-
-    def _cached_affine(self, dtype: torch.dtype) -> tuple[Affine, tuple[int, int, int, float, int]]:
-        """CPU only, cached: the affine of ``dtype`` and the native normalize kernel's arguments.
-
-        The arguments are the addresses of offset, offset_lo and scale, the clamp bound as a
-        number and the number of features.
-
-        The cached tensors are made outside inference mode, so one cache serves calls under
-        ``torch.inference_mode()`` and calls whose output feeds a backward pass alike.
-        """
-        cache = self._affine_cache
-        key = self._affine_key(dtype)
-        if cache is not None and cache[0] == key:
-            return cache[1], cache[2]
-        with self._lock:  # a consistent state: no update is halfway through writing it
-            key = self._affine_key(dtype)
-            with torch.inference_mode(False):
-                affine = self._compute_affine(dtype)
-            high = affine.high.reshape(-1)
-            # The native kernel takes the bound as a number: one host read per change.
-            bound = float(high[0]) if high.numel() else math.inf
-            args = (
-                affine.offset.data_ptr(),
-                affine.offset_lo.data_ptr(),
-                affine.scale.data_ptr(),
-                bound,
-                affine.offset.numel(),
-            )
-            if key is not None:
-                self._affine_cache = (key, affine, args)
-        return affine, args
-
-    def _affine_key(self, dtype: torch.dtype) -> tuple | None:
-        """What the cached affine depends on; ``None`` when it cannot be told (no caching)."""
-        buffers = self._buffers
-        mean, var, weight = buffers["mean"], buffers["var"], buffers["weight_sum"]
-        try:
-            return (
-                dtype,
-                self.clip,
-                self.epsilon,
-                self.center,
-                id(mean),
-                mean._version,  # type: ignore[union-attr]
-                id(var),
-                var._version,  # type: ignore[union-attr]
-                id(weight),
-                weight._version,  # type: ignore[union-attr]
-            )
-        except RuntimeError:
-            # Inference tensors (buffers a user replaced inside inference mode) keep no version
-            # counter, so a cache could not see their updates: recompute every call.
-            return None
-
-    def _compute_affine(self, dtype: torch.dtype) -> Affine:
-        # Statistics count as seen once they carry weight: data, or a `prior_weight`.
-        seen = self.weight_sum > 0
-        scale = torch.where(seen, torch.rsqrt(self.var + self.epsilon), 1.0)
-        if self.center:
-            mean = torch.where(seen, self.mean, 0.0)
-            offset = mean.to(dtype)
-            # What rounding the mean to `dtype` lost, plus the mean's own residual: subtracting
-            # both keeps float32 outputs accurate to float32 precision relative to the std
-            # however far the data sit from zero (a float32 mean alone is off by up to
-            # 6e-8 * |mean|, i.e. 6e-5 in normalized units at mean 1e3 and std 1).
-            residual = torch.where(seen, self.mean_residual, 0.0)
-            offset_lo = ((mean - offset.to(torch.float64)) + residual).to(dtype)
-        else:
-            offset = offset_lo = torch.zeros_like(self.mean, dtype=dtype)
-        clip = math.inf if self.clip is None else self.clip
-        high = torch.where(seen, clip, math.inf).to(dtype=dtype, device=self.mean.device)
-        # Bounds of the feature shape: clamp with 0-d tensor bounds is ~10x slower on the CPU.
-        high = high.expand(self.mean.shape).contiguous()
-        return Affine(offset, offset_lo, scale.to(dtype), -high, high)
-
-    def _check_input(self, x: Tensor, name: str = "x") -> None:
-        mean = self._buffers["mean"]
-        # The common case in two cheap tests (this runs on every environment step).
-        if not (type(x) is Tensor and x.is_cpu and mean.is_cpu and not x.is_complex()):  # type: ignore[union-attr]
-            check.check_tensor(name, x, mean.device)  # type: ignore[union-attr]
-        ndim = len(self.shape)
-        if x.dim() < ndim or tuple(x.shape[x.dim() - ndim :]) != self.shape:
-            raise ValueError(
-                f"`{name}` must have shape (*batch, *{self.shape}) to match the normalizer's "
-                f"`shape`, got {tuple(x.shape)}."
-            )
-
-    def _flatten(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``x`` as ``(rows, features)`` and the mask as float64 row weights."""
-        self._check_input(x)
-        batch_shape = tuple(x.shape[: x.dim() - len(self.shape)])
-        if x.dtype == torch.bool:
-            x = x.to(torch.uint8)
-        flat = x.reshape(-1, self.numel)
-        if mask is None:
-            return flat, None
-        check.check_tensor("mask", mask, self.mean.device)
-        if tuple(mask.shape) != batch_shape:
-            raise ValueError(
-                f"`mask` must have the batch shape {batch_shape} of `x` (x has shape "
-                f"{tuple(x.shape)}, the normalizer shape {self.shape}), got {tuple(mask.shape)}."
-            )
-        return flat, mask.reshape(-1).to(torch.float64)
-
-    def _should_sync(self) -> bool:
-        return self.sync and is_distributed(self.process_group)
-
-    def _shift(self, flat: Tensor, weights: Tensor | None) -> Tensor:
-        """The point the batch is summed around; common to all ranks when synchronising."""
-        local = batch_shift(flat, weights)
-        if not self._should_sync():
-            return local
-        if self._agreed_shift is None:
-            # Before the first synchronised update the ranks share no running mean yet; agree
-            # on a shift once (the only extra collective), afterwards the running mean serves.
-            head = flat[:SHIFT_ROWS]
-            head_weight = (
-                torch.full((), float(head.shape[0]), dtype=torch.float64, device=flat.device)
-                if weights is None
-                else weights[:SHIFT_ROWS].sum()
-            )
-            self._agreed_shift = agree_shift(local, head_weight, self.process_group)
-        return torch.where(self.count > 0, self.mean.reshape(-1), self._agreed_shift)
+    @property
+    def _device(self) -> torch.device:
+        return self._buffers["mean"].device  # type: ignore[union-attr]
 
     def _apply(self, fn: Any, recurse: bool = True) -> RunningMeanStd:
         """Device moves apply; dtype casts (``.half()``, ``.float()``) keep float64 statistics."""
@@ -638,30 +342,9 @@ class RunningMeanStd(nn.Module):
         # them (dropping it on one rank would make that rank alone agree again: a collective
         # the other ranks never join). Moves made inside inference mode still give normal tensors.
         with torch.inference_mode(False):
-            if self._agreed_shift is not None:
-                self._agreed_shift = move_only(self._agreed_shift)
-            self._drop_derived()
+            self._sync.move(move_only)
+            self._dispatch.clear()
             return super()._apply(move_only, recurse)
-
-    def _drop_derived(self) -> None:
-        """Forget caches that hold buffer addresses (normalize's affine, kernels, graphs)."""
-        self._affine_cache = None
-        self._native_state = None
-        self._update_graphs.clear()
-        self._normalize_graphs.clear()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling and deep copies leave out caches that hold buffer addresses, and the lock."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state["_affine_cache"] = None
-        state["_native_state"] = None
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._lock = threading.RLock()
 
     def _load_from_state_dict(
         self,
@@ -673,31 +356,8 @@ class RunningMeanStd(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        for key in ("mean", "var"):
-            value = state_dict.get(prefix + key)
-            if isinstance(value, Tensor) and tuple(value.shape) != self.shape:
-                raise ValueError(
-                    f"Cannot load `{prefix}{key}`: the state has shape {tuple(value.shape)}, "
-                    f"this normalizer expects {self.shape}."
-                )
-        if prefix + "count" in state_dict and prefix + "weight_sum" not in state_dict:
-            # States written before `weight_sum` existed: every sample had weight 1.
-            state_dict[prefix + "weight_sum"] = state_dict[prefix + "count"].to(torch.float64)
-        if prefix + "count" in state_dict and prefix + "nonfinite_count" not in state_dict:
-            state_dict[prefix + "nonfinite_count"] = torch.zeros((), dtype=torch.int64)
-        if prefix + "mean" in state_dict and prefix + "mean_residual" not in state_dict:
-            state_dict[prefix + "mean_residual"] = torch.zeros_like(state_dict[prefix + "mean"])
-        for key in _STATE_KEYS:
-            value = state_dict.get(prefix + key)
-            finite_or_int = (
-                not isinstance(value, Tensor)
-                or not value.is_floating_point()
-                or bool(torch.isfinite(value).all())
-            )
-            if not finite_or_int:
-                raise ValueError(f"Cannot load `{prefix}{key}`: it holds NaN or Inf values.")
-            if key == "var" and isinstance(value, Tensor) and bool((value < 0).any()):
-                raise ValueError(f"Cannot load `{prefix}var`: it holds negative variances.")
+        fill_legacy(state_dict, prefix)
+        check_loadable(state_dict, prefix, self.shape)
         with self._lock:
             super()._load_from_state_dict(
                 state_dict,
@@ -714,7 +374,7 @@ class RunningMeanStd(nn.Module):
                     with torch.inference_mode(False):
                         self._buffers[name] = buffer.clone()
             # `load_state_dict(assign=True)` replaces the buffers: forget what pointed at them.
-            self._drop_derived()
+            self._dispatch.clear()
 
     def extra_repr(self) -> str:  # noqa: D102
         parts = [f"shape={self.shape}"]

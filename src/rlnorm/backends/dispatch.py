@@ -1,0 +1,403 @@
+"""The one door to the backends: it takes plain tensors and picks native kernels, graphs or torch.
+
+The statistics modules call :class:`Dispatcher` (``update``, ``normalize``, ``affine``) with
+their buffers as a :class:`~rlnorm.algebra.state.State` of tensors, the batch, and their
+:class:`Settings`; :func:`shifted_sums` and :func:`discounted_returns` are the plain functions
+behind them. Each call takes the first path that applies:
+
+- the native CPU kernels (:mod:`rlnorm.backends.native`): eager float32/float64 CPU batches,
+  no autograd through the input, no distributed reduction;
+- CUDA graphs of the torch code (:mod:`rlnorm.backends.cuda_graphs`): eager CUDA calls;
+- the torch code over :mod:`rlnorm.algebra`: everything else, including ``torch.compile``.
+
+The paths give the same statistics (the merges and normalize bitwise; the sums to rounding, in a
+different summation order) and none synchronises with the host, except ``nonfinite="raise"``,
+which must look at the data. What a normalizer's calls cache (its buffers' addresses for the
+kernels, normalize's affine map, its CUDA graphs) lives in its :class:`Dispatcher`, never on
+the module.
+
+Example:
+    >>> import torch
+    >>> from rlnorm.algebra.state import initial_state
+    >>> from rlnorm.backends.dispatch import Dispatcher, Settings
+    >>> state = initial_state((2,), prior_weight=0.0)
+    >>> settings = Settings(None, None, None, "skip", 10.0, 1e-8, True)
+    >>> door = Dispatcher("example")
+    >>> x = torch.tensor([[0.0, 10.0], [2.0, 30.0]])
+    >>> _ = door.update(state, x, None, settings, x.shape)
+    >>> state.mean.tolist(), door.normalize(state, x, settings).round().tolist()
+    ([1.0, 20.0], [[-1.0, -1.0], [1.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from rlnorm import _validation as check
+from rlnorm.algebra import affine as _affine
+from rlnorm.algebra import moments as _moments
+from rlnorm.algebra import returns as _returns
+from rlnorm.algebra.moments import Moments, ShiftedSums, batch_moments, batch_shift, residual
+from rlnorm.algebra.state import State, as_moments, from_moments
+from rlnorm.backends import cuda_graphs, native
+
+__all__ = ["Dispatcher", "Reducer", "Settings", "discounted_returns", "shifted_sums", "store"]
+
+
+class Settings(NamedTuple):
+    """What a normalizer's update and normalize depend on besides its state (see its docs).
+
+    Attributes:
+        momentum: ``None`` for exact statistics, else the EMA weight of the past.
+        var_floor: the EMA variance floor, or ``None``.
+        until: stop updating at this many samples, or ``None``.
+        nonfinite: ``"skip"`` or ``"raise"``.
+        clip: clamp bound of normalized values, or ``None``.
+        epsilon: added to the variance before the square root.
+        center: subtract the mean in normalize.
+    """
+
+    momentum: float | None
+    var_floor: float | None
+    until: int | None
+    nonfinite: str
+    clip: float | None
+    epsilon: float
+    center: bool
+
+
+class Reducer(Protocol):
+    """A distributed reduction of batch sums (see :class:`rlnorm.stats.distributed.Sync`)."""
+
+    def shift(self, flat: Tensor, weights: Tensor | None, state: State) -> Tensor:
+        """The shift to sum ``flat`` around, identical on every rank."""
+
+    def __call__(self, sums: ShiftedSums) -> ShiftedSums:
+        """The sums over every rank."""
+
+
+def shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSums:
+    """:func:`~rlnorm.algebra.moments.shifted_sums` by the native kernel where eligible.
+
+    Args:
+        x: batch of shape ``(N, D)``.
+        weights: optional float64 row weights of shape ``(N,)``.
+        shift: float64 tensor of shape ``(D,)``.
+
+    Returns:
+        The :class:`~rlnorm.algebra.moments.ShiftedSums` of the batch.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0], [3.0]])
+        >>> float(shifted_sums(x, None, torch.zeros(1, dtype=torch.float64)).sum_sq)
+        10.0
+    """
+    sums = native.try_shifted_sums(x, weights, shift)
+    return _moments.shifted_sums(x, weights, shift) if sums is None else sums
+
+
+def discounted_returns(
+    rewards: Tensor, dones: Tensor, returns: Tensor, gamma: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`~rlnorm.algebra.returns.discounted_returns` by the native kernel where eligible.
+
+    Example:
+        >>> import torch
+        >>> rewards = torch.ones(2, 1, dtype=torch.float64)
+        >>> dones = torch.zeros(2, 1, dtype=torch.bool)
+        >>> discounted_returns(rewards, dones, torch.zeros(1, dtype=torch.float64), 0.5)[1]
+        tensor([1.5000], dtype=torch.float64)
+    """
+    out = native.try_discounted_returns(rewards, dones, returns, gamma)
+    return _returns.discounted_returns(rewards, dones, returns, gamma) if out is None else out
+
+
+def store(state: State, new: State) -> None:
+    """Write ``new`` into the buffers of ``state``, in place (graphs keep their addresses).
+
+    Writes go through 1-D views: torch.compile on the CPU drops in-place writes to 0-d
+    float64 buffers (seen with torch 2.11 and 2.13), and 1-D views of them are written.
+
+    Example:
+        >>> from rlnorm.algebra.state import initial_state
+        >>> state = initial_state((), prior_weight=0.0)
+        >>> store(state, initial_state((), prior_weight=2.0))
+        >>> float(state.weight_sum)
+        2.0
+    """
+    for buffer, value in zip(state, new, strict=True):
+        buffer.view(-1).copy_(value.reshape(-1))
+
+
+def _update_torch(
+    state: State,
+    flat: Tensor,
+    weights: Tensor | None,
+    s: Settings,
+    input_shape: torch.Size,
+    reducer: Reducer | None,
+) -> Moments:
+    """``update`` with torch operations (any device, compiled, graph-captured, reduced)."""
+    if s.until is not None:
+        active = (state.count < s.until).to(torch.float64)
+        weights = active.expand(flat.shape[0]) if weights is None else weights * active
+    shift = batch_shift(flat, weights) if reducer is None else reducer.shift(flat, weights, state)
+    sums = shifted_sums(flat, weights, shift)
+    if reducer is not None:
+        sums = reducer(sums)
+    if s.nonfinite == "raise" and bool(sums.nonfinite > 0):
+        raise check.nonfinite_error(int(sums.nonfinite), input_shape)
+    batch = batch_moments(sums)
+    flat_state = (state.mean.reshape(-1), state.var.reshape(-1), state.mean_residual.reshape(-1))
+    current = Moments(state.weight_sum, state.count, *flat_state)
+    if s.momentum is None:
+        new = _moments.merge(current, batch)
+    else:
+        new = _moments.merge_ema(current, batch, s.momentum, s.var_floor)
+    store(state, from_moments(new, state.nonfinite_count + sums.nonfinite))
+    shape = state.mean.shape
+    # Built explicitly: some torch.compile versions cannot return `NamedTuple._replace`.
+    return Moments(
+        batch.weight,
+        batch.count,
+        batch.mean.reshape(shape),
+        batch.var.reshape(shape),
+        residual(batch).reshape(shape),
+    )
+
+
+def _affine_key(state: State, s: Settings, dtype: torch.dtype) -> tuple | None:
+    """What a cached affine map depends on; ``None`` when it cannot be told (no caching)."""
+    mean, var, weight = state.mean, state.var, state.weight_sum
+    try:
+        return (
+            dtype,
+            s.clip,
+            s.epsilon,
+            s.center,
+            id(mean),
+            mean._version,
+            id(var),
+            var._version,
+            id(weight),
+            weight._version,
+        )
+    except RuntimeError:
+        # Inference tensors (buffers a user replaced inside inference mode) keep no version
+        # counter, so a cache could not see their updates: recompute every call.
+        return None
+
+
+class Dispatcher:
+    """One normalizer's door to the backends, and what its calls cache.
+
+    It holds the addresses of the normalizer's buffers for the native kernels, the affine map
+    of normalize on the CPU, and its CUDA graphs; :meth:`clear` forgets them when the buffers
+    are replaced. Copies and pickles start empty. ``lock`` serialises the normalizer's writers
+    and the refresh of the cached map.
+
+    Args:
+        name: the normalizer's class name, for warnings.
+
+    Example:
+        >>> door = Dispatcher("RunningMeanStd")
+        >>> with door.lock:
+        ...     door.clear()
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.RLock()
+        self.pointers = native.StatePointers()
+        self.update_graphs = cuda_graphs.GraphedCalls(f"{name}.update")
+        self.normalize_graphs = cuda_graphs.GraphedCalls(f"{name}.normalize")
+        self._affine_cache: tuple[tuple, _affine.Affine, tuple[int, int, int, float, int]] | None
+        self._affine_cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the name only: the caches hold the original's addresses."""
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"])  # type: ignore[misc]
+
+    def clear(self) -> None:
+        """Forget everything that holds buffer addresses (kernels, affine map, graphs)."""
+        self._affine_cache = None
+        self.pointers.clear()
+        self.update_graphs.clear()
+        self.normalize_graphs.clear()
+
+    def update(
+        self,
+        state: State,
+        flat: Tensor,
+        weights: Tensor | None,
+        s: Settings,
+        input_shape: torch.Size,
+        reducer: Reducer | None = None,
+    ) -> Moments:
+        """Fold a ``(rows, features)`` batch into ``state`` in place.
+
+        Args:
+            state: the buffers, of the feature shape.
+            flat: the batch as ``(rows, features)``.
+            weights: optional float64 row weights.
+            s: the settings.
+            input_shape: the batch's shape as given, for error messages.
+            reducer: the distributed reduction, when the update is synchronised.
+
+        Returns:
+            The batch's moments (after the reduction), in the feature shape.
+
+        Raises:
+            ValueError: ``nonfinite="raise"`` and the batch holds NaN or Inf rows; the state
+                is unchanged.
+        """
+        if reducer is None:
+            raise_nonfinite = s.nonfinite == "raise"
+            batch = native.try_update(
+                self.pointers, state, flat, weights, s.momentum, s.var_floor, s.until,
+                raise_nonfinite, input_shape,
+            )  # fmt: skip
+            if batch is not None:
+                return batch
+            if not raise_nonfinite and cuda_graphs.eligible(flat):
+                return self._graphed_update(state, flat, weights, s)
+        with torch.no_grad():
+            return _update_torch(state, flat, weights, s, input_shape, reducer)
+
+    def _graphed_update(
+        self, state: State, flat: Tensor, weights: Tensor | None, s: Settings
+    ) -> Moments:
+        """``update`` on CUDA through a CUDA graph of it (:mod:`~rlnorm.backends.cuda_graphs`)."""
+        d = flat.shape[1]
+        shape = state.mean.shape
+
+        def packed_update(flat: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():
+                m = _update_torch(state, flat, weights, s, flat.shape, None)
+            # One float64 tensor and the count: two copies out of the graph instead of five.
+            parts = (m.weight.view(1), m.mean.view(-1), m.var.view(-1), residual(m).view(-1))
+            return torch.cat(parts), m.count
+
+        key = (
+            tuple(flat.shape),
+            flat.dtype,
+            weights is None,
+            s.momentum,
+            s.var_floor,
+            s.until,
+            torch.is_inference_mode_enabled(),
+        )
+        with torch.no_grad():  # copies into the graph's inputs must not record autograd history
+            packed, count = self.update_graphs(
+                key,
+                packed_update,
+                (flat, weights),
+                lambda out: (out[0].clone(), out[1].clone()),
+                tuple(state),
+            )
+        return Moments(
+            packed[0],
+            count,
+            packed[1 : 1 + d].view(shape),
+            packed[1 + d : 1 + 2 * d].view(shape),
+            packed[1 + 2 * d :].view(shape),
+        )
+
+    def normalize(
+        self, state: State, x: Tensor, s: Settings, return_clipped: bool = False
+    ) -> Tensor | tuple[Tensor, int | Tensor]:
+        """``clamp((x - mean) / sqrt(var + epsilon), -clip, clip)`` in ``x``'s dtype.
+
+        Args:
+            state: the buffers.
+            x: a checked tensor of shape ``(*batch, *shape)``.
+            s: the settings.
+            return_clipped: also return how many values sit at the clamp bound (an ``int`` from
+                the native kernel, a 0-d tensor elsewhere).
+
+        Returns:
+            The normalized tensor (and the clipped count if asked).
+        """
+        if native.eligible(x) and state.mean.is_cpu:
+            # `a` holds the tensors whose addresses `args` are: alive until the kernel returns.
+            a, args = self._cached_affine(state, s, x.dtype)
+            out, at_bound = native.normalize(x, args)
+            del a
+            return (out, at_bound) if return_clipped else out
+        if cuda_graphs.eligible(x):
+            key = (
+                tuple(x.shape),
+                x.dtype,
+                s.clip,
+                s.epsilon,
+                s.center,
+                return_clipped,
+                torch.is_inference_mode_enabled(),
+            )
+            return self.normalize_graphs(
+                key,
+                lambda x: self._normalize_torch(state, x, s, return_clipped),
+                (x,),
+                lambda out: tuple(t.clone() for t in out) if return_clipped else out.clone(),
+                tuple(state),
+            )
+        return self._normalize_torch(state, x, s, return_clipped)
+
+    def _normalize_torch(
+        self, state: State, x: Tensor, s: Settings, return_clipped: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``normalize`` with torch operations (any device, compiled, graph-captured)."""
+        a = self.affine(state, s, _affine.compute_dtype(x))
+        if return_clipped:
+            return _affine.normalize_clipped(x, a, s.clip is not None)
+        return _affine.normalize(x, a, s.clip is not None)
+
+    def affine(self, state: State, s: Settings, dtype: torch.dtype) -> _affine.Affine:
+        """The affine map of normalize in ``dtype``.
+
+        On the CPU it is cached until a statistic or setting changes (tensor version counters
+        tell), which saves a dozen small kernels per ``normalize`` call. Under
+        ``torch.compile`` and on accelerators it is recomputed from the buffers each call, so
+        CUDA graphs and their replays always see the statistics of the moment (replays write
+        the buffers without bumping their version counters).
+
+        Args:
+            state: the buffers.
+            s: the settings.
+            dtype: the computing dtype (:func:`rlnorm.algebra.affine.compute_dtype`).
+
+        Returns:
+            The :class:`~rlnorm.algebra.affine.Affine` map.
+        """
+        if torch.compiler.is_compiling() or state.mean.device.type != "cpu":
+            return _affine.affine(as_moments(state), s.clip, s.epsilon, s.center, dtype)
+        return self._cached_affine(state, s, dtype)[0]
+
+    def _cached_affine(
+        self, state: State, s: Settings, dtype: torch.dtype
+    ) -> tuple[_affine.Affine, tuple[int, int, int, float, int]]:
+        """CPU only, cached: the map in ``dtype`` and the native normalize kernel's arguments.
+
+        The cached tensors are made outside inference mode, so one cache serves calls under
+        ``torch.inference_mode()`` and calls whose output feeds a backward pass alike.
+        """
+        cache = self._affine_cache
+        key = _affine_key(state, s, dtype)
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        with self.lock:  # a consistent state: no update is halfway through writing it
+            key = _affine_key(state, s, dtype)
+            with torch.inference_mode(False):
+                a = _affine.affine(as_moments(state), s.clip, s.epsilon, s.center, dtype)
+            args = native.affine_args(a)
+            if key is not None:
+                self._affine_cache = (key, a, args)
+        return a, args
