@@ -1301,3 +1301,23 @@ def test_moved_inside_inference_mode_stays_updatable_outside() -> None:
         rms.cpu()
     rms.update(randn(2, 4, 3))
     assert not any(b.is_inference() for b in rms.buffers())
+
+
+def test_assigned_settings_are_checked_like_constructor_arguments() -> None:
+    rms = fitted()
+    with pytest.raises(ValueError, match=r"`clip` must be in \(0.0, inf\], got -1.0"):
+        rms.clip = -1.0
+    with pytest.raises(ValueError, match="`var_floor` applies to EMA statistics only"):
+        rms.var_floor = 0.5
+    assert rms.clip == 10.0
+    assert rms.var_floor is None
+    rms.clip = 0.5  # and a valid one takes effect at once
+    assert float(rms.normalize(torch.full((1, 3), 1e6)).max()) == 0.5
+
+
+def test_replacing_a_buffer_is_seen_by_the_next_call() -> None:
+    rms = fitted()
+    rms.mean = torch.full((3,), 7.0, dtype=torch.float64)  # as load_state_dict(assign=True)
+    rms.mean_residual = torch.zeros(3, dtype=torch.float64)
+    assert rms.state.mean is rms.mean
+    assert torch.equal(rms.normalize(torch.full((1, 3), 7.0)), torch.zeros(1, 3))

@@ -33,6 +33,18 @@ from rlnorm.stats.inputs import check_input, checked_settings, flatten
 __all__ = ["RunningMeanStd"]
 
 
+def _setting(name: str, doc: str) -> property:
+    """A setting read from, and assigned (checked) into, the normalizer's ``Settings``."""
+
+    def get(self: RunningMeanStd) -> Any:
+        return getattr(self._settings, name)
+
+    def assign(self: RunningMeanStd, value: Any) -> None:
+        self._settings = checked_settings(**{**self._settings._asdict(), name: value})
+
+    return property(get, assign, doc=doc)
+
+
 class RunningMeanStd(nn.Module):
     """Running mean and variance of a stream of tensors, and normalization by them.
 
@@ -120,9 +132,13 @@ class RunningMeanStd(nn.Module):
     ) -> None:
         super().__init__()
         self.shape = check.check_shape("shape", shape)
-        settings = checked_settings(momentum, var_floor, until, nonfinite, clip, epsilon, center)
-        (self.momentum, self.var_floor, self.until, self.nonfinite) = settings[:4]
-        (self.clip, self.epsilon, self.center) = settings[4:]
+        # Built once (and again when a setting is assigned): update and normalize read it on
+        # every call.
+        self._settings = checked_settings(
+            momentum, var_floor, until, nonfinite, clip, epsilon, center
+        )
+        # The buffers as a `State`, built on first use and dropped whenever a buffer is replaced.
+        self._state: State | None = None
         if not isinstance(sync, bool):
             raise TypeError(f"`sync` must be a bool, got {sync!r}.")
         self.sync = sync
@@ -156,8 +172,12 @@ class RunningMeanStd(nn.Module):
     @property
     def state(self) -> State:
         """The statistics buffers as a :class:`~rlnorm.algebra.state.State` (live tensors)."""
-        buffers = self._buffers
-        return State(*[buffers[name] for name in State._fields])  # type: ignore[arg-type]
+        state = self._state
+        if state is None:
+            buffers = self._buffers
+            state = State(*[buffers[name] for name in State._fields])  # type: ignore[arg-type]
+            self._state = state
+        return state
 
     @property
     def moments(self) -> Moments:
@@ -167,15 +187,15 @@ class RunningMeanStd(nn.Module):
     @property
     def settings(self) -> Settings:
         """The settings the backends run ``update`` and ``normalize`` with."""
-        return Settings(
-            self.momentum,
-            self.var_floor,
-            self.until,
-            self.nonfinite,
-            self.clip,
-            self.epsilon,
-            self.center,
-        )
+        return self._settings
+
+    momentum = _setting("momentum", "``None`` for exact statistics, or the EMA weight.")
+    var_floor = _setting("var_floor", "EMA variance floor relative to the latest batch.")
+    until = _setting("until", "Updates stop once ``count`` reached this (``None``: never).")
+    nonfinite = _setting("nonfinite", "``'skip'`` or ``'raise'`` NaN/Inf rows.")
+    clip = _setting("clip", "Clamp bound of normalized values (``None``: none).")
+    epsilon = _setting("epsilon", "Added to the variance before the square root.")
+    center = _setting("center", "Whether ``normalize`` subtracts the mean.")
 
     @property
     def numel(self) -> int:
@@ -329,7 +349,12 @@ class RunningMeanStd(nn.Module):
 
     @property
     def _device(self) -> torch.device:
-        return self._buffers["mean"].device  # type: ignore[union-attr]
+        return self.state.mean.device
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in State._fields:  # a buffer replaced (e.g. `load_state_dict(assign=True)`)
+            self.__dict__["_state"] = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> RunningMeanStd:
         """Device moves apply; dtype casts (``.half()``, ``.float()``) keep float64 statistics."""
@@ -344,6 +369,7 @@ class RunningMeanStd(nn.Module):
         with torch.inference_mode(False):
             self._sync.move(move_only)
             self._dispatch.clear()
+            self._state = None
             return super()._apply(move_only, recurse)
 
     def _load_from_state_dict(
@@ -375,6 +401,7 @@ class RunningMeanStd(nn.Module):
                         self._buffers[name] = buffer.clone()
             # `load_state_dict(assign=True)` replaces the buffers: forget what pointed at them.
             self._dispatch.clear()
+            self._state = None
 
     def extra_repr(self) -> str:  # noqa: D102
         parts = [f"shape={self.shape}"]
