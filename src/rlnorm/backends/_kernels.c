@@ -1,13 +1,13 @@
 /*
  * Native CPU kernels of rlnorm: one fused pass over the batch where torch needs several.
  *
- * The formulas are those of rlnorm/moments.py (batch_shift, shifted_sums, batch_moments,
+ * The formulas are those of rlnorm/algebra/moments.py (batch_shift, shifted_sums, batch_moments,
  * merge, merge_ema) and RunningMeanStd.normalize, operation for operation, so that results
  * agree with the torch code path to rounding (the merge and normalize bitwise; the sums differ
  * only in summation order). The module is optional: without it rlnorm runs the torch code.
  *
  * Functions take raw addresses of contiguous CPU tensors (Tensor.data_ptr()) and release the
- * GIL while they run. Python-side checks (rlnorm/_native.py) guarantee shapes, dtypes and
+ * GIL while they run. Python-side checks (rlnorm/backends/native.py) guarantee shapes, dtypes and
  * contiguity before a call; nothing here re-validates them.
  *
  * Memory: the kernels' scratch is fixed by the number of features and threads, never by the
@@ -688,12 +688,12 @@ static PyObject *k_scratch_peak(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"scratch_peak", k_scratch_peak, METH_NOARGS,
-     "Most bytes of scratch held at once since the last call (see _native.py)."},
+     "Most bytes of scratch held at once since the last call (see backends/native.py)."},
     {"discounted_returns", k_discounted_returns, METH_VARARGS,
-     "RewardNormalizer's return recursion over a rollout (see _native.py)."},
-    {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see _native.py)."},
-    {"shifted_sums", k_shifted_sums, METH_VARARGS, "Fused shifted sums (see _native.py)."},
-    {"normalize", k_normalize, METH_VARARGS, "Fused normalize (see _native.py)."},
+     "RewardNormalizer's return recursion over a rollout (see backends/native.py)."},
+    {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see backends/native.py)."},
+    {"shifted_sums", k_shifted_sums, METH_VARARGS, "Fused shifted sums (see backends/native.py)."},
+    {"normalize", k_normalize, METH_VARARGS, "Fused normalize (see backends/native.py)."},
     {NULL, NULL, 0, NULL},
 };
 

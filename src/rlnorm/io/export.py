@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from rlnorm import _validation as check
+from rlnorm.algebra.affine import affine as normalize_map
 from rlnorm.stats.normalizers import Normalizers
 from rlnorm.stats.running_mean_std import RunningMeanStd
 
@@ -76,7 +77,7 @@ class FrozenNormalizer(nn.Module):
     def from_running(cls, rms: RunningMeanStd) -> FrozenNormalizer:
         """Freeze a :class:`~rlnorm.RunningMeanStd` as it is now (identity before any data)."""
         seen = bool(rms.weight_sum > 0)
-        affine = rms._compute_affine(torch.float32)
+        affine = normalize_map(rms.moments, rms.clip, rms.epsilon, rms.center, torch.float32)
         clip = rms.clip if (seen and rms.clip is not None) else math.inf
         return cls(affine.offset.cpu(), affine.scale.cpu(), clip, affine.offset_lo.cpu())
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlnorm import _validation as check
-from rlnorm.algebra.affine import Affine, affine, compute_dtype, denormalize
+from rlnorm.algebra.affine import compute_dtype, denormalize
 from rlnorm.algebra.moments import Moments, merge
 from rlnorm.algebra.state import (
     State,
@@ -340,10 +340,6 @@ class RunningMeanStd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Same as :meth:`normalize`, so the module can sit inside ``nn.Sequential``."""
         return self.normalize(x)
-
-    def _compute_affine(self, dtype: torch.dtype) -> Affine:
-        """The affine map of :meth:`normalize` in ``dtype``, computed afresh (export reads it)."""
-        return affine(self.moments, self.clip, self.epsilon, self.center, dtype)
 
     # ------------------------------------------------------------------ internals
 
