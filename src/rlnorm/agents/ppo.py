@@ -30,6 +30,7 @@ import importlib
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -43,7 +44,17 @@ from torch.utils.data import DataLoader
 from rlnorm.agents.envs import make_vector_env
 from rlnorm.lightning.callback import NormalizerCallback, get_normalizer
 
-__all__ = ["PPO", "Rollout", "env_spec", "solved_return"]
+__all__ = [
+    "PPO",
+    "PPOLoss",
+    "Rollout",
+    "env_spec",
+    "gae",
+    "layer",
+    "mlp",
+    "ppo_loss",
+    "solved_return",
+]
 
 #: Mean return over the last 20 episodes at which an environment counts as solved, for ids
 #: whose gymnasium spec has no ``reward_threshold`` (or to override it); see
@@ -124,6 +135,99 @@ def layer(linear: nn.Linear, std: float = math.sqrt(2)) -> nn.Linear:
     nn.init.orthogonal_(linear.weight, std)
     nn.init.zeros_(linear.bias)
     return linear
+
+
+def mlp(in_features: int, hidden_size: int, out_features: int, out_std: float) -> nn.Sequential:
+    """Two tanh hidden layers, initialised with :func:`layer` (output layer gain ``out_std``)."""
+    return nn.Sequential(
+        layer(nn.Linear(in_features, hidden_size)),
+        nn.Tanh(),
+        layer(nn.Linear(hidden_size, hidden_size)),
+        nn.Tanh(),
+        layer(nn.Linear(hidden_size, out_features), out_std),
+    )
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    ended: Tensor,
+    next_value: Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimates and the value targets (returns) of one rollout.
+
+    Args:
+        rewards: ``(T, N)`` rewards (scaled, truncated episodes already bootstrapped).
+        values: ``(T, N)`` values of the observations acted on.
+        ended: ``(T, N)`` bool, the episode ended at this step (terminated or truncated).
+        next_value: ``(N,)`` value of the observation after the last step.
+        gamma: discount.
+        gae_lambda: GAE's lambda.
+
+    Returns:
+        ``(advantages, returns)``, both ``(T, N)``.
+    """
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        alive = (~ended[t]).float()
+        delta = rewards[t] + gamma * next_value * alive - values[t]
+        last = delta + gamma * gae_lambda * alive * last
+        advantages[t] = last
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+class PPOLoss(NamedTuple):
+    """The clipped PPO objective of one minibatch and its parts."""
+
+    loss: Tensor  # what is minimised: policy - ent_coef * entropy + vf_coef * value
+    policy: Tensor
+    value: Tensor
+    entropy: Tensor
+    clip_fraction: Tensor  # share of ratios outside [1 - clip_coef, 1 + clip_coef]
+
+
+def ppo_loss(
+    logprob: Tensor,
+    entropy: Tensor,
+    value: Tensor,
+    mb: Mapping[str, Tensor],
+    clip_coef: float,
+    ent_coef: float,
+    vf_coef: float,
+) -> PPOLoss:
+    """The clipped policy and value losses with the entropy bonus (advantages normalized).
+
+    Args:
+        logprob: log-probabilities of ``mb["actions"]`` under the current policy.
+        entropy: entropies of the current policy's action distributions.
+        value: the current critic's values of ``mb["obs"]``.
+        mb: the minibatch as collected: ``logprobs``, ``values``, ``advantages``, ``returns``.
+        clip_coef: PPO's ratio clip (also the value clip).
+        ent_coef: entropy bonus weight.
+        vf_coef: value loss weight.
+
+    Returns:
+        :class:`PPOLoss`.
+    """
+    logratio = logprob - mb["logprobs"]
+    ratio = logratio.exp()
+    adv = mb["advantages"]
+    adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-8)
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    v_clipped = mb["values"] + (value - mb["values"]).clamp(-clip_coef, clip_coef)
+    v_loss = 0.5 * torch.max((value - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2).mean()
+    entropy = entropy.mean()
+    return PPOLoss(
+        loss=pg_loss - ent_coef * entropy + vf_coef * v_loss,
+        policy=pg_loss,
+        value=v_loss,
+        entropy=entropy,
+        clip_fraction=((ratio - 1).abs() > clip_coef).float().mean(),
+    )
 
 
 class PPO(L.LightningModule):
@@ -210,17 +314,8 @@ class PPO(L.LightningModule):
         else:
             raise ValueError(f"`env_id` {env_id!r} has unsupported actions {action_space}.")
 
-        def mlp(out: int, out_std: float) -> nn.Sequential:
-            return nn.Sequential(
-                layer(nn.Linear(obs_dim, hidden_size)),
-                nn.Tanh(),
-                layer(nn.Linear(hidden_size, hidden_size)),
-                nn.Tanh(),
-                layer(nn.Linear(hidden_size, out), out_std),
-            )
-
-        self.critic = mlp(1, 1.0)
-        self.actor = mlp(action_dim, 0.01)
+        self.critic = mlp(obs_dim, hidden_size, 1, 1.0)
+        self.actor = mlp(obs_dim, hidden_size, action_dim, 0.01)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(action_dim))
 
@@ -378,16 +473,14 @@ class PPO(L.LightningModule):
     def advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Generalized advantage estimates and the value targets (returns)."""
         hp = self.hparams
-        advantages = torch.zeros_like(rollout.rewards)
-        last = torch.zeros_like(rollout.next_value)
-        next_value = rollout.next_value
-        for t in reversed(range(hp.num_steps)):
-            alive = (~rollout.ended[t]).float()
-            delta = rollout.rewards[t] + hp.gamma * next_value * alive - rollout.values[t]
-            last = delta + hp.gamma * hp.gae_lambda * alive * last
-            advantages[t] = last
-            next_value = rollout.values[t]
-        return advantages, advantages + rollout.values
+        return gae(
+            rollout.rewards,
+            rollout.values,
+            rollout.ended,
+            rollout.next_value,
+            hp.gamma,
+            hp.gae_lambda,
+        )
 
     # ------------------------------------------------------------------ update
 
@@ -419,32 +512,26 @@ class PPO(L.LightningModule):
                 idx = order[start : start + minibatch]
                 mb = {key: value[idx] for key, value in flat.items()}
                 dist = self.distribution(mb["obs"])
-                logratio = self.log_prob(dist, mb["actions"]) - mb["logprobs"]
-                ratio = logratio.exp()
-                adv = mb["advantages"]
-                adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-8)
-                pg_loss = torch.max(
-                    -adv * ratio, -adv * ratio.clamp(1 - hp.clip_coef, 1 + hp.clip_coef)
-                ).mean()
-                value = self.critic(mb["obs"]).squeeze(-1)
-                v_clipped = mb["values"] + (value - mb["values"]).clamp(-hp.clip_coef, hp.clip_coef)
-                v_loss = (
-                    0.5
-                    * torch.max(
-                        (value - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2
-                    ).mean()
-                )
                 entropy = dist.entropy()
-                entropy = (entropy.sum(-1) if self.continuous else entropy).mean()
-                loss = pg_loss - hp.ent_coef * entropy + hp.vf_coef * v_loss
+                losses = ppo_loss(
+                    self.log_prob(dist, mb["actions"]),
+                    entropy.sum(-1) if self.continuous else entropy,
+                    self.critic(mb["obs"]).squeeze(-1),
+                    mb,
+                    hp.clip_coef,
+                    hp.ent_coef,
+                    hp.vf_coef,
+                )
 
                 optimizer.zero_grad()
-                self.manual_backward(loss)
+                self.manual_backward(losses.loss)
                 nn.utils.clip_grad_norm_(self.parameters(), hp.max_grad_norm)
                 optimizer.step()
-                clip_fractions.append(((ratio - 1).abs() > hp.clip_coef).float().mean())
+                clip_fractions.append(losses.clip_fraction)
 
-        self._log_progress(pg_loss, v_loss, entropy, torch.stack(clip_fractions).mean())
+        self._log_progress(
+            losses.policy, losses.value, losses.entropy, torch.stack(clip_fractions).mean()
+        )
 
     def _log_progress(
         self, pg_loss: Tensor, v_loss: Tensor, entropy: Tensor, clipfrac: Tensor
