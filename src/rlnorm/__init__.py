@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     from rlnorm.io.gymnasium_wrappers import from_gymnasium
     from rlnorm.io.sb3 import load_sb3_vecnormalize
     from rlnorm.lightning.callback import NormalizerCallback, get_normalizer
+    from rlnorm.lightning.fabric import FabricNormalizers
 
 __all__ = [
+    "FabricNormalizers",
     "Moments",
     "NormalizerCallback",
     "NormalizerConfig",
@@ -49,6 +51,7 @@ __all__ = [
 _LAZY = {
     "NormalizerCallback": "rlnorm.lightning.callback",
     "get_normalizer": "rlnorm.lightning.callback",
+    "FabricNormalizers": "rlnorm.lightning.fabric",
     "load_normalizers": "rlnorm.io.checkpoint",
     "load_sb3_vecnormalize": "rlnorm.io.sb3",
     "from_gymnasium": "rlnorm.io.gymnasium_wrappers",

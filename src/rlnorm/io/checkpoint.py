@@ -143,9 +143,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def find_normalizer_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The normalizer states in a Lightning checkpoint dict, by callback ``name``."""
+    """The normalizer states in a checkpoint dict, by their ``name``.
+
+    A ``Trainer`` checkpoint holds them under ``checkpoint["callbacks"]`` (one per
+    ``NormalizerCallback``); a Fabric checkpoint (``fabric.save(path, {..., "rlnorm": norm})``)
+    at whatever top-level key the loop saved a ``FabricNormalizers`` under.
+    """
+    candidates = [*checkpoint.get("callbacks", {}).values(), *checkpoint.values()]
     found = {}
-    for value in checkpoint.get("callbacks", {}).values():
+    for value in candidates:
         if isinstance(value, Mapping) and "schema_version" in value and "normalizers" in value:
             found[str(value.get("name", "rlnorm"))] = dict(value)
     return found
@@ -203,8 +209,9 @@ def load_normalizers(
                 "ModelCheckpoint, e.g. last.ckpt)."
             )
         raise ValueError(
-            f"The {where} holds no rlnorm normalizer state: was NormalizerCallback attached to "
-            "the Trainer that wrote it?"
+            f"The {where} holds no rlnorm normalizer state (top-level keys: {sorted(checkpoint)}): "
+            "was NormalizerCallback attached to the Trainer that wrote it, or a "
+            "FabricNormalizers put in the state given to fabric.save?"
         )
     if name is None:
         if len(states) > 1:

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 from typing_extensions import override
 
 from rlnorm import _validation as check
@@ -21,14 +20,15 @@ from rlnorm.lightning.batches import (
     check_update_mask_key,
     normalize_entries,
 )
+from rlnorm.lightning.rollout import RolloutNormalizers
 from rlnorm.lightning.telemetry import DriftTelemetry, check_name
-from rlnorm.stats.normalizers import NormalizerConfig, Normalizers, Observation, Shape
+from rlnorm.stats.normalizers import NormalizerConfig, Normalizers, Shape
 from rlnorm.stats.schema import restore_normalizers, statistics_state
 
 __all__ = ["NormalizerCallback", "get_normalizer"]
 
 
-class NormalizerCallback(Callback):
+class NormalizerCallback(RolloutNormalizers, Callback):
     r"""Owns an agent's observation and reward normalizers during Lightning training.
 
     The callback creates the normalizers in ``setup``, keeps them out of the module (so DDP's
@@ -153,8 +153,8 @@ class NormalizerCallback(Callback):
         self._frozen = False
         # Everything below holds tensors: created in `setup`, never in `__init__` (under
         # `ddp_spawn`, tensors made here would be shared memory between the workers).
-        # The normalizers and their telemetry are created together (`_create_normalizers`).
-        self._normalizers: Normalizers | None = None
+        # The normalizers are created with their telemetry (`_create_normalizers`), which holds
+        # them: `self.normalizers` is `self.telemetry.normalizers`.
         self._telemetry: DriftTelemetry | None = None
         self._trainer: Trainer | None = None
         # Statistics to start from (`from_normalizers`), loaded at `setup`.
@@ -199,13 +199,6 @@ class NormalizerCallback(Callback):
         return self._generate_state_key(name=self.name)
 
     @property
-    def normalizers(self) -> Normalizers:
-        """The :class:`~rlnorm.Normalizers` owned by this callback (after ``setup``)."""
-        if self._normalizers is None:
-            raise self._not_set_up()
-        return self._normalizers
-
-    @property
     def telemetry(self) -> DriftTelemetry:
         """The :class:`~rlnorm.lightning.telemetry.DriftTelemetry` of :attr:`normalizers`."""
         if self._telemetry is None:
@@ -223,84 +216,12 @@ class NormalizerCallback(Callback):
             and not trainer.sanity_checking
         )
 
-    def freeze(self) -> None:
-        """Stop updating the statistics until :meth:`unfreeze` (normalizing goes on)."""
-        self._frozen = True
-
-    def unfreeze(self) -> None:
-        """Resume updating the statistics (inside the training loop)."""
-        self._frozen = False
-
-    # ------------------------------------------------------------------ rollout API
-
-    def update_obs(self, obs: Observation, mask: Tensor | None = None) -> None:
-        """Fold raw observations into the statistics; call once per collected transition.
-
-        Ignored outside the training loop, while frozen and after ``until`` samples.
-
-        Args:
-            obs: tensor ``(*batch, *obs_shape)`` or a dict of them.
-            mask: optional rows to learn from, shape ``batch`` (bool or float weights).
-        """
-        norms = self._sync_frozen()
-        self.telemetry.record_obs_update(norms.update_obs(obs, mask))
-
-    def normalize_obs(self, obs: Observation) -> Observation:
-        """Normalize observations with the current statistics (never updates them).
-
-        Args:
-            obs: tensor or dict of tensors, raw.
-
-        Returns:
-            The normalized observations, same structure.
-        """
-        norms = self.normalizers
-        if self.config.clip is None or not self.updates_enabled:
-            return norms.normalize_obs(obs)
-        # In the training loop the clip fraction is logged; the counts come with the output.
-        out, counts = norms.normalize_obs_counting_clipped(obs)
-        self.telemetry.record_obs_clipped(counts)
-        return out
-
-    def denormalize_obs(self, obs: Observation) -> Observation:
-        """Inverse of :meth:`normalize_obs` where values were not clipped."""
-        return self.normalizers.denormalize_obs(obs)
-
-    def normalize_rewards(self, rewards: Tensor, dones: Tensor) -> Tensor:
-        """Update the reward statistics (in the training loop) and scale ``rewards``.
-
-        Call once per environment step or once per rollout ``(T, num_envs)``, before returns
-        and advantages are computed.
-
-        Args:
-            rewards: ``(num_envs,)`` or ``(T, num_envs)`` raw rewards.
-            dones: same shape, ``terminated | truncated``.
-
-        Returns:
-            The scaled rewards.
-        """
-        norms = self._sync_frozen()
-        self.telemetry.record_reward_update(norms.update_rewards(rewards, dones))
-        out = norms.scale_rewards(rewards)
-        clip = self.config.reward_clip
-        if clip is not None and self.updates_enabled:
-            self.telemetry.record_reward_clipped(out, clip)
-        return out
-
-    def scale_rewards(self, rewards: Tensor) -> Tensor:
-        """Scale rewards with the current statistics without updating them."""
-        return self.normalizers.scale_rewards(rewards)
-
-    def denormalize_rewards(self, rewards: Tensor) -> Tensor:
-        """Inverse of the reward scaling where not clipped."""
-        return self.normalizers.denormalize_rewards(rewards)
-
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if self._normalizers is None:
+        if self._telemetry is None:
             norms = self._create_normalizers()
             if self._initial_state is not None:
                 where = f"statistics given to {self.state_key} by `from_normalizers`"
@@ -369,7 +290,8 @@ class NormalizerCallback(Callback):
         # `state_dict`), so the collectives adding what differs by rank are matched.
         saved = checkpoint.get("callbacks", {}).get(self.state_key)
         if saved is not None and self._telemetry is not None:
-            checkpointing.add_every_ranks_state(trainer, saved, self._telemetry)
+            gather = partial(loop.all_gather, trainer) if trainer.world_size > 1 else None
+            checkpointing.add_every_ranks_state(saved, self._telemetry, gather)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -400,11 +322,9 @@ class NormalizerCallback(Callback):
         )
 
     def _create_normalizers(self) -> Normalizers:
-        self._normalizers = Normalizers(self.config, device=self.device)
-        self._telemetry = DriftTelemetry(
-            self._normalizers, name=self.name, histograms=self.log_histograms
-        )
-        return self._normalizers
+        norms = Normalizers(self.config, device=self.device)
+        self._telemetry = DriftTelemetry(norms, name=self.name, histograms=self.log_histograms)
+        return norms
 
     def _log_if_changed(self, trainer: Trainer, final: bool) -> None:
         """Log where an epoch or the fit ends, if the statistics changed since the last log."""
@@ -416,11 +336,6 @@ class NormalizerCallback(Callback):
                 final=final,
                 any_rank=partial(loop.any_rank, trainer),
             )
-
-    def _sync_frozen(self) -> Normalizers:
-        norms = self.normalizers
-        norms.frozen = not self.updates_enabled
-        return norms
 
 
 def get_normalizer(owner: Trainer | LightningModule, name: str | None = None) -> NormalizerCallback:

@@ -9,17 +9,17 @@ since the checkpoint.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from functools import partial
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from rlnorm._version import __version__
 from rlnorm.io.checkpoint import check_checkpoint_file
-from rlnorm.lightning import loop
 from rlnorm.lightning.telemetry import DriftTelemetry
 from rlnorm.stats.distributed import is_distributed
 from rlnorm.stats.normalizers import NormalizerConfig
@@ -27,6 +27,7 @@ from rlnorm.stats.schema import check_state, restore_normalizers, statistics_sta
 
 __all__ = [
     "add_every_ranks_state",
+    "gather_uneven",
     "note_damaged_file",
     "restore",
     "resume_path",
@@ -56,25 +57,49 @@ def state(telemetry: DriftTelemetry, name: str) -> dict[str, Any]:
 
 
 def add_every_ranks_state(
-    trainer: Trainer, saved: dict[str, Any], telemetry: DriftTelemetry
+    saved: dict[str, Any],
+    telemetry: DriftTelemetry,
+    all_gather: Callable[[Tensor], Tensor] | None,
 ) -> None:
     """Add to a :func:`state` being checkpointed what differs by rank (a collective).
 
     Every rank's reward returns go to ``reward_returns_by_rank`` (each rank resumes its own),
     and the open telemetry interval is reduced over the ranks (rank zero resumes it).
 
+    Args:
+        saved: the state to complete.
+        telemetry: the telemetry (and normalizers) it was taken from.
+        all_gather: every rank's tensor stacked along a new first dim, e.g.
+            ``fabric.all_gather`` or the Trainer's strategy's (``None``: a single process).
+
     Example:
         >>> saved = checkpoint["callbacks"][callback.state_key]  # doctest: +SKIP
-        >>> add_every_ranks_state(trainer, saved, callback.telemetry)  # doctest: +SKIP
+        >>> add_every_ranks_state(saved, callback.telemetry, None)  # doctest: +SKIP
     """
     reward = telemetry.normalizers.reward
-    if trainer.world_size == 1:
+    if all_gather is None:
         if reward is not None:
             saved["reward_returns_by_rank"] = [reward.returns.detach().cpu().clone()]
         return
     if reward is not None:
-        saved["reward_returns_by_rank"] = loop.all_gather_uneven(trainer, reward.returns)
-    saved.update(telemetry.state_dict(all_gather=partial(loop.all_gather, trainer)))
+        saved["reward_returns_by_rank"] = gather_uneven(all_gather, reward.returns)
+    saved.update(telemetry.state_dict(all_gather=all_gather))
+
+
+def gather_uneven(all_gather: Callable[[Tensor], Tensor], tensor: Tensor) -> list[Tensor]:
+    """Every rank's 1-D ``tensor`` (lengths may differ), on the CPU (a collective).
+
+    Example:
+        >>> [t.numel() for t in gather_uneven(fabric.all_gather, returns)]  # doctest: +SKIP
+        [5, 42]
+    """
+    flat = tensor.detach().reshape(-1)
+    size = torch.tensor([flat.numel()], device=flat.device)
+    sizes = [int(n) for n in all_gather(size).reshape(-1)]
+    padded = torch.zeros(max(sizes), dtype=flat.dtype, device=flat.device)
+    padded[: flat.numel()] = flat
+    gathered = all_gather(padded).reshape(len(sizes), -1).cpu()
+    return [row[:n].clone() for row, n in zip(gathered, sizes, strict=True)]
 
 
 def resume_path(trainer: Trainer | None) -> str | None:
@@ -136,6 +161,7 @@ def restore(
     name: str,
     where: str,
     path: str | None,
+    owner: str = "NormalizerCallback",
 ) -> None:
     """Check a saved :func:`state` (and its file) and load it into ``telemetry``, statistics too.
 
@@ -150,6 +176,7 @@ def restore(
         name: the callback's name, for messages.
         where: what ``saved`` is, for messages.
         path: the checkpoint file it was read from, if known: checked first.
+        owner: who resumes, for messages (``NormalizerCallback``, ``FabricNormalizers``).
 
     Example:
         >>> restore(telemetry, saved, config=config, name="rlnorm",  # doctest: +SKIP
@@ -174,7 +201,7 @@ def restore(
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         rank_zero_warn(
-            f"NormalizerCallback(name={name!r}) resumes with settings that differ from "
+            f"{owner}(name={name!r}) resumes with settings that differ from "
             f"the checkpoint's ({details}); the restored statistics are kept and the new "
             "settings apply from now on.",
             category=UserWarning,

@@ -7,13 +7,11 @@ changes one line. The collectives go through the public ``trainer.strategy``.
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
 
 __all__ = [
     "all_gather",
-    "all_gather_uneven",
     "any_rank",
     "epoch_data_ran_out",
     "logging_step",
@@ -88,19 +86,3 @@ def all_gather(trainer: Trainer, tensor: Tensor) -> Tensor:
     """
     strategy = trainer.strategy
     return strategy.all_gather(tensor.to(strategy.root_device))
-
-
-def all_gather_uneven(trainer: Trainer, tensor: Tensor) -> list[Tensor]:
-    """Every rank's 1-D ``tensor`` (lengths may differ), on the CPU (a collective).
-
-    Example:
-        >>> [t.numel() for t in all_gather_uneven(trainer, returns)]  # doctest: +SKIP
-        [5, 42]
-    """
-    flat = tensor.detach().reshape(-1)
-    size = torch.tensor([flat.numel()])
-    sizes = [int(n) for n in all_gather(trainer, size).reshape(-1)]
-    padded = torch.zeros(max(sizes), dtype=flat.dtype, device=flat.device)
-    padded[: flat.numel()] = flat
-    gathered = all_gather(trainer, padded).reshape(len(sizes), -1).cpu()
-    return [row[:n].clone() for row, n in zip(gathered, sizes, strict=True)]
