@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import pickle
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -412,15 +413,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
         prog="python -m rlnorm.agents.fabric_ppo",
         description="PPO on Lightning Fabric with rlnorm's normalizers.",
     )
+    # Each flag's help is its line in the Attributes section of the Args docstring.
+    helps = dict(re.findall(r"^ {8}(\w+): (.+)$", Args.__doc__ or "", flags=re.MULTILINE))
     for field in dataclasses.fields(Args):
         flag = "--" + field.name.replace("_", "-")
-        default = field.default
+        default, text = field.default, helps.get(field.name, "") + " (default: %(default)s)"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
         elif default is None:
-            parser.add_argument(flag, type=str, default=None)
+            parser.add_argument(flag, type=str, default=None, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, help=text)
     return Args(**vars(parser.parse_args(argv)))
 
 
