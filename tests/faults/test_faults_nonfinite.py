@@ -249,7 +249,7 @@ class StormAgent(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         norm = rlnorm.get_normalizer(self)
-        if norm._normalizers is not None and norm.normalizers.obs:
+        if norm._telemetry is not None and norm.normalizers.obs:
             self.states.append(state_of(norm.normalizers))
         x = storm(24, 3, batch_idx, self.PLAN[batch_idx], torch.float32)
         rewards, dones = reward_storm(5, self.envs, batch_idx)
