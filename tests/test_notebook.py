@@ -162,3 +162,33 @@ def test_drift_notebook_without_a_run_says_how_to_make_one(project: Path) -> Non
     assert errors[0]["ename"] == "FileNotFoundError"
     assert f"RLNORM_RUN_DIR={empty_run.resolve()}" in message
     assert "rlnorm fit --config configs/cartpole.yaml" in message
+
+
+@pytest.fixture(scope="module")
+def fabric_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run of the Fabric PPO loop (one process): logs and checkpoints under its root."""
+    from rlnorm.agents.fabric_ppo import Args, train
+
+    root = tmp_path_factory.mktemp("fabric_project") / "runs" / "fabric_ppo"
+    args = Args(
+        num_envs=2,
+        num_steps=32,
+        total_timesteps=6 * 64,
+        update_epochs=1,
+        log_every=2,
+        checkpoint_every=3,
+        root_dir=str(root),
+        devices=1,
+    )
+    train(args)
+    assert sorted(p.name for p in (root / "checkpoints").glob("*.ckpt"))
+    return root
+
+
+def test_drift_notebook_reads_a_fabric_runs_logs_and_checkpoint(fabric_run: Path) -> None:
+    result = execute(cwd=fabric_run, run_dir=fabric_run)
+    assert result["error"] is None, result["error"]
+    text = text_of(result["notebook"])
+    assert f"Reading run {fabric_run}" in text
+    assert "logs logs/version_0" in text
+    assert "rlnorm/obs/drift_heatmap: rows obs[0]..obs[3] (4)" in text
