@@ -9,6 +9,7 @@ since the checkpoint.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,9 +82,14 @@ def add_every_ranks_state(
         if reward is not None:
             saved["reward_returns_by_rank"] = [reward.returns.detach().cpu().clone()]
         return
-    if reward is not None:
-        saved["reward_returns_by_rank"] = gather_uneven(all_gather, reward.returns)
-    saved.update(telemetry.state_dict(all_gather=all_gather))
+    with warnings.catch_warnings():
+        # Lightning's all_gather (Trainer strategies and Fabric alike) calls
+        # torch.distributed.nn.functional.all_gather, which torch deprecates: one warning per
+        # checkpoint that the user can do nothing about.
+        warnings.filterwarnings("ignore", message=r".*all_gather.*deprecated", category=Warning)
+        if reward is not None:
+            saved["reward_returns_by_rank"] = gather_uneven(all_gather, reward.returns)
+        saved.update(telemetry.state_dict(all_gather=all_gather))
 
 
 def gather_uneven(all_gather: Callable[[Tensor], Tensor], tensor: Tensor) -> list[Tensor]:
