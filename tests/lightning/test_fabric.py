@@ -210,3 +210,57 @@ def test_fabric_ddp_save_and_load_give_each_rank_its_own_reward_returns(
     events = EventAccumulator(str(ddp_ranks[0]["outdir"] / "logs" / "fabric" / "version_0"))
     events.Reload()
     assert [e.step for e in events.Scalars("rlnorm/obs/count")] == [18, 36, 45]
+
+
+# ---------------------------------------------------------------------------- decoupled
+
+
+def _decoupled_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 0 plays (updates alone), ranks 1 and 2 train: they get its statistics by broadcast."""
+    import torch.distributed as dist
+
+    from conftest import init_gloo
+
+    init_gloo(rank, init_file, 3)
+    try:
+        # Each process has its own one-process Fabric (as in Lightning's decoupled example, the
+        # player's is not part of the trainers' DDP): nothing here may be a collective over the
+        # world group, or the player would wait for the trainers forever.
+        fabric = Fabric(accelerator="cpu", devices=1)
+        norm = rlnorm.FabricNormalizers(fabric, reward=True, gamma=0.9)
+        probe = torch.linspace(-3, 3, 12).reshape(4, 3)
+        outputs = []
+        for round_ in range(2):
+            if rank == 0:
+                rollout(norm, seed=10 + round_)
+                norm.log(step=32 * (round_ + 1))  # the player logs alone
+            norm.broadcast(src=0)
+            outputs.append(norm.normalize_obs(probe))
+        torch.save(
+            {"state": state_of(norm.normalizers), "outputs": outputs},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_decoupled_player_broadcasts_its_statistics_to_the_trainers(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(
+        _decoupled_worker,
+        args=(str(tmp_path / "store"), str(tmp_path)),
+        nprocs=3,
+        join=True,
+        start_method=method,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    player = ranks[0]
+    assert int(player["state"]["obs.obs.count"]) == 2 * 4 * 8  # two rounds of its own data only
+    for trainer in ranks[1:]:
+        assert_state_equal(trainer["state"], player["state"])
+        for got, want in zip(trainer["outputs"], player["outputs"], strict=True):
+            assert torch.equal(got, want)
+    assert not torch.equal(player["outputs"][0], player["outputs"][1])  # the player moved on

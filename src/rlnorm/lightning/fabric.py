@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric import Fabric
 from typing_extensions import override
 
@@ -53,7 +54,13 @@ class FabricNormalizers(RolloutNormalizers):
         log_histograms: with a TensorBoard logger, also write histograms of the per-dimension
             mean and std and a drift heatmap image.
         **settings: any other :class:`~rlnorm.NormalizerConfig` field (``reward``, ``gamma``,
-            ``clip``, ``momentum``, ...).
+            ``clip``, ``momentum``, ...). ``sync`` defaults to whether ``fabric`` runs several
+            processes: a single-process ``Fabric`` inside a larger process group (the player of
+            a decoupled loop) updates and logs alone, with no collective over that group.
+
+    Decoupled loops (one player process collects, trainer processes learn): the player
+    updates the statistics alone (its ``Fabric`` has one process) and hands them to the
+    trainers with :meth:`broadcast`, so trainers normalize with exactly its statistics.
 
     Example:
         >>> import rlnorm, torch
@@ -85,10 +92,13 @@ class FabricNormalizers(RolloutNormalizers):
             )
         self.name = check_name(name)
         self._fabric = fabric
+        settings.setdefault("sync", fabric.world_size > 1)
         config = NormalizerConfig(obs_shape=obs_shape, **settings)
         normalizers = Normalizers(config, device=fabric.device)
         histograms = check.check_bool("log_histograms", log_histograms)
-        self._telemetry = DriftTelemetry(normalizers, name=self.name, histograms=histograms)
+        self._telemetry = DriftTelemetry(
+            normalizers, name=self.name, histograms=histograms, sync=config.sync
+        )
         self._frozen = False
 
     @classmethod
@@ -171,6 +181,36 @@ class FabricNormalizers(RolloutNormalizers):
             path=None,
             owner="FabricNormalizers",
         )
+
+    def broadcast(self, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+        """Give every process of ``group`` the statistics of process ``src`` (a collective).
+
+        For decoupled loops: the player (``src``) updates, then every process of ``group``
+        (player and trainers) calls this, and the others normalize with bitwise the player's
+        statistics (settings, shapes, counts; the reward returns in progress too). The others'
+        telemetry is left as it is: the player logs.
+
+        Args:
+            src: global rank of the process whose statistics are sent.
+            group: the process group of the player and the trainers (``None``: the world).
+
+        Raises:
+            RuntimeError: ``torch.distributed`` is not initialised.
+            ValueError: the statistics received do not fit these normalizers' settings.
+
+        Example:
+            >>> norm.broadcast(src=0)  # on the player and on every trainer  # doctest: +SKIP
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "FabricNormalizers.broadcast needs torch.distributed initialised (e.g. by "
+                "fabric.launch() or torch.distributed.init_process_group)."
+            )
+        sender = dist.get_rank() == src
+        box = [statistics_state(self.normalizers) if sender else None]
+        dist.broadcast_object_list(box, src=src, group=group)
+        if not sender:
+            restore_normalizers(self.normalizers, box[0], f"statistics broadcast by rank {src}")
 
     def to(self, device: torch.device | str) -> FabricNormalizers:
         """Move the statistics (and the open telemetry interval) to ``device``."""

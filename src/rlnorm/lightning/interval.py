@@ -26,6 +26,8 @@ class IntervalMetrics:
 
     Args:
         device: where the metric states live (the normalizer's device).
+        sync: reduce over ``torch.distributed`` at ``compute`` (``False``: this process's
+            interval alone, e.g. a player process outside the trainers' group).
 
     Example:
         >>> metrics = IntervalMetrics(torch.device("cpu"))
@@ -35,13 +37,14 @@ class IntervalMetrics:
         {'batch_shift': 0.5, 'clip_fraction': 0.25}
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, sync: bool = True) -> None:
         self.device = device
-        self.batch_shift = MaxMetric(nan_strategy="ignore").to(device)
+        self.batch_shift = MaxMetric(nan_strategy="ignore", sync_on_compute=sync).to(device)
         # Integer-valued float64 sums: exact, so the fraction does not depend on how the
         # values were split between ranks (or between a checkpoint and the resumed run).
-        self.clipped = SumMetric(nan_strategy="ignore").set_dtype(torch.float64).to(device)
-        self.values = SumMetric(nan_strategy="ignore").set_dtype(torch.float64).to(device)
+        sums = {"nan_strategy": "ignore", "sync_on_compute": sync}
+        self.clipped = SumMetric(**sums).set_dtype(torch.float64).to(device)
+        self.values = SumMetric(**sums).set_dtype(torch.float64).to(device)
         self._reset_partials()
 
     def _reset_partials(self) -> None:

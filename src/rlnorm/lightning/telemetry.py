@@ -80,6 +80,8 @@ class DriftTelemetry:
         name: prefix of every tag.
         histograms: also write histograms of the per-dimension mean and std and the drift
             heatmap image to TensorBoard loggers.
+        sync: reduce the interval figures over ``torch.distributed`` (``False``: this
+            process's own, with no collective; for a process that updates alone).
 
     Example:
         >>> import rlnorm
@@ -91,12 +93,20 @@ class DriftTelemetry:
         ['policy/obs/batch_shift', 'policy/obs/count']
     """
 
-    def __init__(self, normalizers: Normalizers, *, name: str = "rlnorm", histograms: bool = True):
+    def __init__(
+        self,
+        normalizers: Normalizers,
+        *,
+        name: str = "rlnorm",
+        histograms: bool = True,
+        sync: bool = True,
+    ) -> None:
         self.normalizers: Normalizers = check.check_instance(
             "normalizers", normalizers, Normalizers
         )
         self.name = check_name(name)
         self.histograms = check.check_bool("histograms", histograms)
+        self.sync = check.check_bool("sync", sync)
         # The open interval per tag: its metrics, or its partials (`_pending_interval`) until
         # the metrics are rebuilt on the statistics' device at first use.
         self._interval: dict[str, IntervalMetrics] = {}
@@ -306,7 +316,7 @@ class DriftTelemetry:
         metrics = self._interval.get(tag)
         if metrics is None:
             device = self.normalizers.named_normalizers()[tag].mean.device
-            metrics = self._interval[tag] = IntervalMetrics(device)
+            metrics = self._interval[tag] = IntervalMetrics(device, sync=self.sync)
             pending = self._pending_interval.pop(tag, None)
             if pending is not None:
                 metrics.load_partials(pending)
