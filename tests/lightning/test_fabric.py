@@ -236,8 +236,16 @@ def _decoupled_worker(rank: int, init_file: str, out_dir: str) -> None:
                 norm.log(step=32 * (round_ + 1))  # the player logs alone
             norm.broadcast(src=0)
             outputs.append(norm.normalize_obs(probe))
+        # The trainers can also keep statistics of their own, reduced over their group only
+        # (the player, outside it, runs no matching collective).
+        trainers = dist.new_group([1, 2])  # every rank takes part in creating a group
+        learned: dict[str, Any] = {}
+        if rank > 0:
+            own = rlnorm.FabricNormalizers(fabric, process_group=trainers, sync=True)
+            own.update_obs(torch.full((rank, 3), float(rank)))  # 1 row of 1s, 2 rows of 2s
+            learned = {"figures": own.log(step=3), "state": state_of(own.normalizers)}
         torch.save(
-            {"state": state_of(norm.normalizers), "outputs": outputs},
+            {"state": state_of(norm.normalizers), "outputs": outputs, "learned": learned},
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
@@ -264,3 +272,8 @@ def test_decoupled_player_broadcasts_its_statistics_to_the_trainers(tmp_path: Pa
         for got, want in zip(trainer["outputs"], player["outputs"], strict=True):
             assert torch.equal(got, want)
     assert not torch.equal(player["outputs"][0], player["outputs"][1])  # the player moved on
+    learned = [r["learned"] for r in ranks[1:]]
+    assert_state_equal(learned[0]["state"], learned[1]["state"])
+    assert int(learned[0]["state"]["obs.obs.count"]) == 3
+    assert_close(learned[0]["state"]["obs.obs.mean"], [5 / 3] * 3, rtol=1e-15)
+    assert learned[0]["figures"] == learned[1]["figures"]

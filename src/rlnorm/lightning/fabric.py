@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,6 +54,10 @@ class FabricNormalizers(RolloutNormalizers):
         name: prefixes every logged tag (``<name>/obs/...``) and names the checkpoint state.
         log_histograms: with a TensorBoard logger, also write histograms of the per-dimension
             mean and std and a drift heatmap image.
+        process_group: the group the statistics, the telemetry and the checkpoint gathers are
+            reduced over: the processes of ``fabric`` (``None``: the default group, right for
+            ``Fabric(strategy="ddp")``; pass the trainers' group when the ``Fabric`` runs on a
+            ``DDPStrategy(process_group=...)`` inside a larger world, as in decoupled loops).
         **settings: any other :class:`~rlnorm.NormalizerConfig` field (``reward``, ``gamma``,
             ``clip``, ``momentum``, ...). ``sync`` defaults to whether ``fabric`` runs several
             processes: a single-process ``Fabric`` inside a larger process group (the player of
@@ -80,6 +85,7 @@ class FabricNormalizers(RolloutNormalizers):
         *,
         name: str = "rlnorm",
         log_histograms: bool = True,
+        process_group: dist.ProcessGroup | None = None,
         **settings: Any,
     ) -> None:
         check.check_instance("fabric", fabric, Fabric, "lightning.fabric.Fabric")
@@ -92,9 +98,10 @@ class FabricNormalizers(RolloutNormalizers):
             )
         self.name = check_name(name)
         self._fabric = fabric
+        self.process_group = process_group
         settings.setdefault("sync", fabric.world_size > 1)
         config = NormalizerConfig(obs_shape=obs_shape, **settings)
-        normalizers = Normalizers(config, device=fabric.device)
+        normalizers = Normalizers(config, device=fabric.device, process_group=process_group)
         histograms = check.check_bool("log_histograms", log_histograms)
         self._telemetry = DriftTelemetry(
             normalizers, name=self.name, histograms=histograms, sync=config.sync
@@ -161,7 +168,9 @@ class FabricNormalizers(RolloutNormalizers):
         telemetry = self.telemetry
         saved = checkpointing.state(telemetry, self.name)
         fabric = self._fabric
-        gather = None if fabric.world_size == 1 else fabric.all_gather
+        gather = None
+        if fabric.world_size > 1:  # returns differ by rank, also with per-rank statistics
+            gather = partial(fabric.all_gather, group=self.process_group)
         checkpointing.add_every_ranks_state(saved, telemetry, gather)
         return saved
 

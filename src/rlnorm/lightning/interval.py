@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ class IntervalMetrics:
         device: where the metric states live (the normalizer's device).
         sync: reduce over ``torch.distributed`` at ``compute`` (``False``: this process's
             interval alone, e.g. a player process outside the trainers' group).
+        process_group: the group to reduce over (``None``: the default group).
 
     Example:
         >>> metrics = IntervalMetrics(torch.device("cpu"))
@@ -37,14 +39,20 @@ class IntervalMetrics:
         {'batch_shift': 0.5, 'clip_fraction': 0.25}
     """
 
-    def __init__(self, device: torch.device, sync: bool = True) -> None:
+    def __init__(
+        self, device: torch.device, sync: bool = True, process_group: Any | None = None
+    ) -> None:
         self.device = device
-        self.batch_shift = MaxMetric(nan_strategy="ignore", sync_on_compute=sync).to(device)
+        options: dict[str, Any] = {
+            "nan_strategy": "ignore",
+            "sync_on_compute": sync,
+            "process_group": process_group,
+        }
+        self.batch_shift = MaxMetric(**options).to(device)
         # Integer-valued float64 sums: exact, so the fraction does not depend on how the
         # values were split between ranks (or between a checkpoint and the resumed run).
-        sums = {"nan_strategy": "ignore", "sync_on_compute": sync}
-        self.clipped = SumMetric(**sums).set_dtype(torch.float64).to(device)
-        self.values = SumMetric(**sums).set_dtype(torch.float64).to(device)
+        self.clipped = SumMetric(**options).set_dtype(torch.float64).to(device)
+        self.values = SumMetric(**options).set_dtype(torch.float64).to(device)
         self._reset_partials()
 
     def _reset_partials(self) -> None:

@@ -81,7 +81,8 @@ class DriftTelemetry:
         histograms: also write histograms of the per-dimension mean and std and the drift
             heatmap image to TensorBoard loggers.
         sync: reduce the interval figures over ``torch.distributed`` (``False``: this
-            process's own, with no collective; for a process that updates alone).
+            process's own, with no collective; for a process that updates alone), over the
+            normalizers' ``process_group``.
 
     Example:
         >>> import rlnorm
@@ -316,7 +317,8 @@ class DriftTelemetry:
         metrics = self._interval.get(tag)
         if metrics is None:
             device = self.normalizers.named_normalizers()[tag].mean.device
-            metrics = self._interval[tag] = IntervalMetrics(device, sync=self.sync)
+            group = self.normalizers.process_group
+            metrics = self._interval[tag] = IntervalMetrics(device, self.sync, group)
             pending = self._pending_interval.pop(tag, None)
             if pending is not None:
                 metrics.load_partials(pending)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlnorm import _validation as check
@@ -104,7 +105,10 @@ class NormalizerConfig:
         self.make_reward(1)
 
     def make_obs(
-        self, shape: tuple[int, ...], device: torch.device | None = None
+        self,
+        shape: tuple[int, ...],
+        device: torch.device | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> RunningMeanStd:
         """A fresh observation normalizer of ``shape`` with these settings."""
         return RunningMeanStd(
@@ -117,11 +121,17 @@ class NormalizerConfig:
             var_floor=self.var_floor,
             nonfinite=self.nonfinite,
             sync=self.sync,
+            process_group=process_group,
             prior_weight=self.prior_weight,
             device=device,
         )
 
-    def make_reward(self, num_envs: int, device: torch.device | None = None) -> RewardNormalizer:
+    def make_reward(
+        self,
+        num_envs: int,
+        device: torch.device | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> RewardNormalizer:
         """A fresh reward normalizer for ``num_envs`` environments with these settings."""
         return RewardNormalizer(
             num_envs,
@@ -131,6 +141,7 @@ class NormalizerConfig:
             mode=self.reward_mode,
             nonfinite=self.nonfinite,
             sync=self.sync,
+            process_group=process_group,
             prior_weight=self.prior_weight,
             device=device,
         )
@@ -286,6 +297,8 @@ class Normalizers(nn.Module):
         device: where the statistics live; ``None`` follows the buffers once they exist (the
             first observation's device when shapes are inferred), or the device of the last
             ``.to(device)``.
+        process_group: the ``torch.distributed`` group updates are reduced over (``None``:
+            the default group), e.g. the trainers' group of a decoupled loop.
 
     Example:
         >>> import torch
@@ -298,11 +311,18 @@ class Normalizers(nn.Module):
         torch.Size([2])
     """
 
-    def __init__(self, config: NormalizerConfig, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        config: NormalizerConfig,
+        device: torch.device | str | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(config, NormalizerConfig):
             raise TypeError(f"`config` must be a NormalizerConfig, got {check.show(config)}.")
         self.config = config
+        # The group updates are reduced over (not a setting: it is this run's, not saved).
+        self.process_group = process_group
         self.frozen = False
         # Where statistics are created while none exist; once they do, `device` reads them.
         self._home_device = check.check_device("device", device)
@@ -477,7 +497,7 @@ class Normalizers(nn.Module):
             device = self.device
             # Sorted: the order of the per-key collectives must not depend on the rank.
             for key in sorted(shapes):
-                self.obs[key] = self.config.make_obs(shapes[key], device)
+                self.obs[key] = self.config.make_obs(shapes[key], device, self.process_group)
         elif self.obs_shapes != shapes or self.dict_obs != dict_obs:
             raise ValueError(
                 f"observation shapes do not match: the state has {shapes}, the normalizers "
@@ -491,7 +511,7 @@ class Normalizers(nn.Module):
             ValueError: the existing reward normalizer has another ``num_envs``.
         """
         if self.reward is None:
-            self.reward = self.config.make_reward(num_envs, self.device)
+            self.reward = self.config.make_reward(num_envs, self.device, self.process_group)
         elif self.reward.num_envs != num_envs:
             raise ValueError(
                 f"reward normalizer sizes do not match: the state has num_envs={num_envs}, "
