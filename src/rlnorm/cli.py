@@ -342,10 +342,12 @@ def describe_checkpoint(path: str, name: str | None = None) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The ``inspect`` table."""
-    lines = [
-        f"checkpoint {report['checkpoint']} (epoch {report['epoch']}, "
-        f"global step {report['global_step']})"
-    ]
+    position = (
+        f" (epoch {report['epoch']}, global step {report['global_step']})"
+        if report["epoch"] is not None or report["global_step"] is not None
+        else ""  # a Fabric checkpoint: the loop keeps its own counters
+    )
+    lines = [f"checkpoint {report['checkpoint']}{position}"]
     for name, entry in report["normalizers"].items():
         config = entry["config"]
         inferred = set(entry.get("inferred", ()))

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import rlnorm
 from conftest import assert_close, assert_state_equal, state_of
-from rlnorm.cli import describe_checkpoint
+from rlnorm.cli import describe_checkpoint, format_report
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "fabric_ddp.py"
@@ -115,6 +115,7 @@ def test_load_normalizers_and_inspect_read_a_fabric_checkpoint(tmp_path: Path) -
     assert_state_equal(state_of(loaded), state_of(norm.normalizers))
     report = describe_checkpoint(str(path))
     assert list(report["normalizers"]) == ["agent"]
+    assert format_report(report).splitlines()[0] == f"checkpoint {path}"
 
 
 def test_load_normalizers_on_a_fabric_checkpoint_without_them_says_so(tmp_path: Path) -> None:
