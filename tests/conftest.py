@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +23,9 @@ settings.register_profile(
     phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
 )
 settings.load_profile("rlnorm")
+
+#: This folder (``tests/``), beside ``src/``.
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -206,3 +212,26 @@ def write_user_env_module(directory: Path, module: str, env_id: str) -> str:
     """
     (directory / f"{module}.py").write_text(USER_ENV_MODULE.replace("ENV_ID", env_id))
     return f"{module}:{env_id}"
+
+
+def run_ddp_script(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a script that launches its own DDP ranks (Lightning or Fabric), on this checkout.
+
+    The environment points at this checkout's ``src`` and ``tests``, runs one torch thread per
+    process and drops any rank/port variables, so the launcher picks a free port and starts
+    every rank itself.
+    """
+    env = dict(os.environ)
+    paths = (str(TESTS.parent / "src"), str(TESTS), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env["OMP_NUM_THREADS"] = "1"
+    for var in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(var, None)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

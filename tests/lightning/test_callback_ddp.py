@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlnorm
-from conftest import assert_close
+from conftest import assert_close, run_ddp_script
 from rlnorm import RunningMeanStd
 from rollout_agents import QUIET_LIGHTNING
 
@@ -34,20 +31,7 @@ def _returns(rewards: torch.Tensor, dones: torch.Tensor, carry: torch.Tensor) ->
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     outdir = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(var, None)  # let Lightning pick a free port and launch both ranks itself
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(outdir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_ddp_script(SCRIPT, str(outdir), timeout=120)
     run = {"outdir": outdir, "proc": proc}
     run["ranks"] = [_load(run, f"rank{r}.pt") for r in range(2)]
     return run

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,7 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlnorm
-from conftest import assert_close, assert_state_equal, state_of
+from conftest import assert_close, assert_state_equal, run_ddp_script, state_of
 from rlnorm.cli import describe_checkpoint, format_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,21 +152,7 @@ def test_bad_arguments_name_the_argument(kwargs: dict, error: type, match: str) 
 @pytest.fixture(scope="module")
 def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     outdir = tmp_path_factory.mktemp("fabric_ddp")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH")) if p
-    )
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(outdir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    proc = run_ddp_script(SCRIPT, str(outdir), timeout=180)
     ranks = []
     for rank in range(2):
         path = outdir / f"rank{rank}.pt"
