@@ -11,17 +11,21 @@ directory. A block may be preceded by one marker line that the reader sees in th
 
 ```` ```bash ```` blocks are checked without running them: ``rlnorm`` subcommands and options
 against ``rlnorm <cmd> --help``, ``python`` scripts and ``pytest`` paths exist (and name only
-options the script defines), and ``pip install`` extras exist in ``pyproject.toml``.
+options the script defines), ``python -m`` modules exist and list the options used in their
+``--help``, and ``pip install`` extras exist in ``pyproject.toml``. Shell commands go in
+```` ```bash ```` blocks only, so none escapes these checks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -204,6 +208,19 @@ def jupyter_execute_help() -> str:
     return done.stdout
 
 
+@cache
+def module_help(module: str) -> str:
+    """What ``python -m MODULE --help`` prints, run as a reader would run it."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return done.stdout
+
+
 def options(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--")]
 
@@ -243,6 +260,11 @@ def test_bash_commands_name_real_subcommands_options_files_and_extras(
             for arg in args[2:]:
                 if not arg.startswith("-"):
                     assert (ROOT / arg.split("::")[0]).exists(), f"{where}: no {arg}"
+        elif args[0] == "-m":
+            assert importlib.util.find_spec(args[1]) is not None, f"{where}: no module {args[1]}"
+            text = module_help(args[1])
+            for option in options(args[2:]):
+                assert option in text, f"{where}: `python -m {args[1]} --help` has no {option}"
         else:
             script = ROOT / args[0]
             assert script.is_file(), f"{where}: no script {args[0]}"
@@ -287,3 +309,9 @@ def test_run_paths_in_the_readme_are_under_a_directory_a_config_writes_to() -> N
     used = set(re.findall(r"\b(runs(?:/[\w.-]+)?)/lightning_logs/version_", text))
     assert "runs/cartpole" in used
     assert used <= roots, f"no config writes to {sorted(used - roots)}"
+
+
+def test_shell_commands_sit_in_bash_blocks_where_they_are_checked() -> None:
+    shells = ("console", "sh", "shell", "shell-session", "zsh")
+    unchecked = [b.id for b in BLOCKS if b.lang in shells]
+    assert not unchecked, f"put shell commands in bash blocks, where they are checked: {unchecked}"
