@@ -558,3 +558,57 @@ except RuntimeError:
     out = _run(code, TRITON_INTERPRET="0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "refused"
+
+
+def test_workspace_rechecks_the_state_only_when_its_buffers_are_replaced() -> None:
+    ws = fused.Workspace()
+    state = initial_state((3,), 0.0)
+    cpu = torch.device("cpu")
+    assert ws.state_ok(state, cpu)
+    assert ws.state_ok(state, cpu)  # remembered
+    single = state._replace(var=state.var.float())  # a replaced buffer of the wrong dtype
+    assert not ws.state_ok(single, cpu)
+    assert not ws.state_ok(state._replace(mean=torch.zeros(6, dtype=F64)[::2]), cpu)
+    assert ws.state_ok(state, cpu)
+
+
+def test_moved_or_reloaded_modules_keep_taking_the_fused_path() -> None:
+    rms = RunningMeanStd(3)
+    rms.update(torch.randn(10, 3))
+    rms.load_state_dict({k: v.clone() for k, v in rms.state_dict().items()}, assign=True)
+    before = fused.calls()["update_merge"]
+    rms.update(torch.randn(10, 3) + 4)
+    assert fused.calls()["update_merge"] == before + 1
+    assert int(rms.count) == 20
+
+
+class _CallThrough:
+    """Stands in for GraphedCalls on the CPU: runs the function, then copies out as a replay."""
+
+    def __init__(self) -> None:
+        self.keys: list = []
+
+    def __call__(self, key, fn, inputs, copy_out, state=()):
+        self.keys.append(key)
+        return copy_out(fn(*inputs))
+
+
+@pytest.mark.parametrize("use_fused", [True, False], ids=["fused", "torch"])
+def test_graphed_update_packs_its_moments_into_one_output(use_fused: bool) -> None:
+    door = Dispatcher("test")
+    door.update_graphs = _CallThrough()  # type: ignore[assignment]
+    got, want = initial_state((2, 2), 0.0), initial_state((2, 2), 0.0)
+    x = _batch(30, 4, torch.float32, seed=6)
+    w = _weights(30, seed=6)
+    with fused.use_fused(use_fused):
+        m = door._graphed_update(got, x, w, SKIP, use_fused)
+    batch = _update_torch(want, x, w, SKIP, x.shape, None)
+    assert door.update_graphs.keys[0][-1] is use_fused
+    assert m.count.dtype == torch.int64
+    assert m.count.shape == ()
+    assert torch.equal(m.count, batch.count)
+    assert m.mean.shape == (2, 2)
+    assert_close(m.weight, batch.weight, rtol=1e-14)
+    assert_close(m.mean, batch.mean.reshape(2, 2), rtol=1e-12)
+    assert_close(m.var, batch.var.reshape(2, 2), rtol=1e-12)
+    _assert_states_close(got, want)

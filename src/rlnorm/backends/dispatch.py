@@ -281,7 +281,7 @@ class Dispatcher:
         """
         if (
             fused.eligible(flat)
-            and fused.state_eligible(state, flat.device)
+            and self.workspace.state_ok(state, flat.device)
             and (weights is None or weights.device == flat.device)
         ):
             return self._fused_update(state, flat, weights, s, input_shape, reducer)
@@ -392,7 +392,7 @@ class Dispatcher:
         Returns:
             The normalized tensor (and the clipped count if asked).
         """
-        if fused.eligible(x) and fused.state_eligible(state, x.device):
+        if fused.eligible(x) and self.workspace.state_ok(state, x.device):
             if not cuda_graphs.eligible(x):
                 return fused.normalize(state, x, s.clip, s.epsilon, s.center, return_clipped)
             return self.normalize_graphs(

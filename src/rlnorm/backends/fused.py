@@ -83,15 +83,16 @@ MAX_PROGRAMS = 264
 #: Most float64 values of partial sums a workspace holds (8 MB): fewer programs for huge rows.
 MAX_PARTIAL_VALUES = 1 << 20
 #: Partials the merge kernel loads per step, and its feature block.
-MERGE_TILE = 4096
+MERGE_TILE = 2048
 MERGE_BLOCK_D = 128
 #: Elements per program of the normalize kernel, and its largest feature block.
 NORMALIZE_TILE = 4096
 NORMALIZE_BLOCK_D = 256
 #: Environments per program of the returns kernel.
 RETURNS_BLOCK_E = 128
-#: Warps per program, all kernels.
+#: Warps per program: the sums kernel holds a float64 tile and two accumulators per program.
 NUM_WARPS = 4
+SUMS_NUM_WARPS = 8
 
 _enabled = os.environ.get("RLNORM_FUSED", "1") != "0"
 _interpret_cpu = False
@@ -338,10 +339,29 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, int], tuple[Tensor, Tensor, Tensor]] = {}
+        # The state last found eligible (the tensors themselves) and its device.
+        self._state: tuple[tuple[Tensor, ...], torch.device] | None = None
 
     def clear(self) -> None:
         """Drop the buffers (the dispatcher dropped the graphs that used them)."""
         self._buffers.clear()
+        self._state = None
+
+    def state_ok(self, state: State, device: torch.device) -> bool:
+        """:func:`state_eligible`, remembered while the buffers are the same tensor objects.
+
+        Buffers are replaced, not changed in place, when a module moves or loads with
+        ``assign=True``, so the check runs once per set of buffers rather than every call.
+        """
+        known = self._state
+        if known is not None:
+            tensors, known_device = known
+            if all(a is b for a, b in zip(state, tensors)) and device == known_device:  # noqa: B905 (hot path)
+                return True
+        if not state_eligible(state, device):
+            return False
+        self._state = (tuple(state), device)
+        return True
 
     def buffers(self, device: torch.device, n_feat: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(partial float64 sums, partial int64 counts, shift)`` for ``n_feat`` features."""
@@ -419,7 +439,7 @@ def _launch_sums(
         ONE_BLOCK=cfg.one_block,
         BLOCK_N=cfg.block_n,
         BLOCK_D=cfg.block_d,
-        num_warps=NUM_WARPS,
+        num_warps=SUMS_NUM_WARPS,
         enable_fp_fusion=False,
     )
     _calls["update_sums"] += 1
