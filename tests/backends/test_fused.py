@@ -612,3 +612,55 @@ def test_graphed_update_packs_its_moments_into_one_output(use_fused: bool) -> No
     assert_close(m.mean, batch.mean.reshape(2, 2), rtol=1e-12)
     assert_close(m.var, batch.var.reshape(2, 2), rtol=1e-12)
     _assert_states_close(got, want)
+
+
+COMPILE_FOR_SM90 = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rlnorm.backends import _triton_kernels as k
+
+def build(fn, types, consts, num_warps=4):
+    signature = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    src = ASTSource(fn, signature=signature, constexprs=consts)
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+rows = {"n_rows": "i32", "n_feat": "i32", "stride_xn": "i32", "stride_xd": "i32"}
+x = dict(rows, x_ptr="*bf16", w_ptr="*fp64", count_ptr="*i64", until="i64", shift_ptr="*fp64",
+         stride_w="i32")
+build(k.update_shift_kernel, x, {"HAS_WEIGHTS": True, "HAS_UNTIL": True, "HEAD": 32, "BLOCK_D": 64})
+sums = dict(x, part_f_ptr="*fp64", part_i_ptr="*i64", part_stride="i32")
+for one_block, block_n, block_d in ((True, 32, 64), (False, 8, 256)):
+    consts = {"HAS_WEIGHTS": True, "HAS_UNTIL": True, "ONE_BLOCK": one_block,
+              "BLOCK_N": block_n, "BLOCK_D": block_d}
+    assert "ld.local" not in build(k.update_sums_kernel, sums, consts, num_warps=8)
+f64 = ("shift_ptr", "mean_ptr", "var_ptr", "residual_ptr", "weight_sum_ptr", "params_ptr",
+       "out_ptr", "part_f_ptr")
+merge = {**{n: "*fp64" for n in f64}, "part_i_ptr": "*i64", "count_ptr": "*i64",
+         "nonfinite_ptr": "*i64", "n_parts": "i32", "part_stride": "i32", "n_feat": "i32"}
+ptx = build(k.update_merge_kernel, merge,
+            {"FINALIZE": False, "EMA": True, "VAR_FLOOR": True, "BLOCK_P": 32, "BLOCK_D": 64})
+assert "fma.rn" not in ptx  # no contraction: the compensated sums stay exact
+norm = {**{n: "*fp64" for n in f64}, **rows, "x_ptr": "*fp16", "y_ptr": "*fp16",
+        "clipped_ptr": "*i64"}
+build(k.normalize_kernel, norm, {"COMPUTE": tl.float32, "CENTER": True, "CLAMP": True,
+                                 "COUNT": True, "BLOCK_N": 64, "BLOCK_D": 64})
+ret = {"rewards_ptr": "*fp32", "dones_ptr": "*u8", "returns_ptr": "*fp64",
+       "trajectory_ptr": "*fp64", "new_returns_ptr": "*fp64", "params_ptr": "*fp64",
+       "n_steps": "i32", "n_envs": "i32", "stride_rt": "i32", "stride_re": "i32",
+       "stride_dt": "i32", "stride_de": "i32"}
+build(k.discounted_returns_kernel, ret, {"BLOCK_E": 128})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_to_sm90_machine_code_without_a_gpu() -> None:
+    # The interpreter is lenient; this runs Triton's real compiler (to PTX and, with the
+    # ptxas that ships with triton, to a cubin) for an H100/H200, no device needed.
+    out = _run(COMPILE_FOR_SM90, TRITON_INTERPRET="0")
+    if "ModuleNotFoundError" in out.stderr or "ImportError" in out.stderr:
+        pytest.skip(f"this triton cannot compile ahead of time here: {out.stderr[-300:]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "compiled"
