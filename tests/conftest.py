@@ -10,9 +10,16 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import torch
+
+# Before anything imports triton (rlnorm loads its kernels on first use): without a GPU, the
+# fused kernels run through Triton's CPU interpreter (tests/backends/test_fused.py); with one,
+# they compile for real. `setdefault`: an explicit TRITON_INTERPRET wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
-import torch
 from hypothesis import Phase, settings
 
 # No "explain" phase: on a failure it re-runs the test hundreds of times (minutes here) only

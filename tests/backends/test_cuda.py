@@ -1,4 +1,8 @@
-"""CUDA: agreement with the CPU, device errors, CUDA-graph capture (skipped without a GPU)."""
+"""CUDA: agreement with the CPU, device errors, CUDA graphs, fused kernels (skipped without a GPU).
+
+Tests that take the ``fused_path`` fixture run twice: through the fused Triton kernels
+(:mod:`rlnorm.backends.fused`, compiled for the GPU) and through the torch code.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,23 @@ import torch
 
 from conftest import assert_close, assert_state_equal, state_of
 from rlnorm import RewardNormalizer, RunningMeanStd
-from rlnorm.backends import cuda_graphs
+from rlnorm.algebra import moments as mom
+from rlnorm.algebra.returns import discounted_returns as torch_returns
+from rlnorm.algebra.state import as_moments, initial_state
+from rlnorm.backends import cuda_graphs, fused
 
 pytestmark = pytest.mark.cuda
 
 F64 = torch.float64
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "torch"])
+def fused_path(request: pytest.FixtureRequest):
+    """Run a test through the fused kernels (where triton is installed) and the torch code."""
+    if request.param and not fused.available():
+        pytest.skip("triton is not installed")
+    with fused.use_fused(request.param):
+        yield request.param
 
 
 def batches(n: int = 5, rows: int = 257, dim: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,7 +59,9 @@ def test_device_argument_places_float64_statistics_on_the_gpu(device) -> None:
 
 
 @pytest.mark.parametrize("momentum", [None, 0.8])
-def test_cuda_update_and_normalize_match_cpu_within_1e12(momentum: float | None) -> None:
+def test_cuda_update_and_normalize_match_cpu_within_1e12(
+    momentum: float | None, fused_path: bool
+) -> None:
     cpu = RunningMeanStd(4, momentum=momentum)
     gpu = RunningMeanStd(4, momentum=momentum, device="cuda")
     for x, mask in batches():
@@ -60,7 +78,9 @@ def test_cuda_update_and_normalize_match_cpu_within_1e12(momentum: float | None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_low_precision_inputs_accumulate_like_cpu(dtype: torch.dtype) -> None:
+def test_cuda_low_precision_inputs_accumulate_like_cpu(
+    dtype: torch.dtype, fused_path: bool
+) -> None:
     cpu, gpu = RunningMeanStd(4), RunningMeanStd(4, device="cuda")
     for x, _ in batches(3):
         cpu.update(x.to(dtype))
@@ -115,7 +135,7 @@ def test_module_to_cuda_and_back_keeps_float64_statistics_bitwise() -> None:
     assert_state_equal(state_of(rms), before)
 
 
-def test_reward_normalizer_on_cuda_matches_cpu() -> None:
+def test_reward_normalizer_on_cuda_matches_cpu(fused_path: bool) -> None:
     gen = torch.Generator().manual_seed(7)
     rewards = torch.randn(20, 6, generator=gen, dtype=F64)
     dones = torch.rand(20, 6, generator=gen) < 0.2
@@ -143,7 +163,7 @@ def _capture(step, static_x: torch.Tensor, warmup: int = 3):
 
 @pytest.mark.parametrize("shape", [(4,), ()], ids=["vector", "scalar"])
 def test_cuda_graph_of_update_and_normalize_replays_equal_to_eager(
-    shape: tuple[int, ...],
+    shape: tuple[int, ...], fused_path: bool
 ) -> None:
     graphed = RunningMeanStd(shape, device="cuda")
     eager = RunningMeanStd(shape, device="cuda")
@@ -170,7 +190,9 @@ def test_cuda_graph_of_update_and_normalize_replays_equal_to_eager(
         assert_close(static_out, want, rtol=1e-12, atol=1e-12)
 
 
-def test_eager_normalize_after_a_replayed_graph_update_sees_the_new_statistics() -> None:
+def test_eager_normalize_after_a_replayed_graph_update_sees_the_new_statistics(
+    fused_path: bool,
+) -> None:
     # Graph replays write the buffers without touching Python-side version counters, so
     # anything cached from the statistics on the eager path must not go stale.
     rms = RunningMeanStd(4, device="cuda")
@@ -228,7 +250,9 @@ def _eager_twin(shape, **kwargs) -> RunningMeanStd:
 
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("momentum", [None, 0.9], ids=["exact", "ema"])
-def test_eager_cuda_calls_replay_graphs_bitwise_equal_to_eager(masked, momentum) -> None:
+def test_eager_cuda_calls_replay_graphs_bitwise_equal_to_eager(
+    masked, momentum, fused_path: bool
+) -> None:
     graphed = RunningMeanStd((2, 3), momentum=momentum, device="cuda")
     eager = _eager_twin((2, 3), momentum=momentum)
     gen = torch.Generator().manual_seed(7)
@@ -247,7 +271,7 @@ def test_eager_cuda_calls_replay_graphs_bitwise_equal_to_eager(masked, momentum)
     assert len(graphed._dispatch.normalize_graphs._graphs) == 1
 
 
-def test_graph_outputs_are_fresh_tensors_each_call() -> None:
+def test_graph_outputs_are_fresh_tensors_each_call(fused_path: bool) -> None:
     rms = RunningMeanStd(4, device="cuda")
     x = torch.randn(16, 4, device="cuda")
     outs = [rms.normalize(x) for _ in range(4)]
@@ -259,7 +283,7 @@ def test_graph_outputs_are_fresh_tensors_each_call() -> None:
     assert torch.equal(outs[-1], before)
 
 
-def test_changing_clip_after_capture_takes_effect() -> None:
+def test_changing_clip_after_capture_takes_effect(fused_path: bool) -> None:
     rms = RunningMeanStd(2, device="cuda")
     rms.update(torch.randn(100, 2, device="cuda"))
     x = torch.full((8, 2), 50.0, device="cuda")
@@ -269,7 +293,7 @@ def test_changing_clip_after_capture_takes_effect() -> None:
     assert float(rms.normalize(x).max()) == 2.0
 
 
-def test_many_signatures_and_device_moves_stay_correct() -> None:
+def test_many_signatures_and_device_moves_stay_correct(fused_path: bool) -> None:
     graphed = RunningMeanStd(3, device="cuda")
     eager = _eager_twin(3)
     for rows in [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10]:
@@ -305,7 +329,7 @@ def test_environment_variable_turns_graphs_off() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_reward_normalizer_on_cuda_with_graphs_equals_the_cpu() -> None:
+def test_reward_normalizer_on_cuda_with_graphs_equals_the_cpu(fused_path: bool) -> None:
     gpu = RewardNormalizer(4, device="cuda")
     cpu = RewardNormalizer(4)
     gen = torch.Generator().manual_seed(3)
@@ -319,7 +343,7 @@ def test_reward_normalizer_on_cuda_with_graphs_equals_the_cpu() -> None:
     assert_close(gpu.normalize(ones.cuda()).cpu(), cpu.normalize(ones), rtol=1e-12)
 
 
-def test_load_state_dict_with_assign_drops_graphs_of_the_old_buffers() -> None:
+def test_load_state_dict_with_assign_drops_graphs_of_the_old_buffers(fused_path: bool) -> None:
     graphed = RunningMeanStd(3, device="cuda")
     eager = _eager_twin(3)
     x = torch.randn(16, 3, device="cuda")
@@ -346,3 +370,185 @@ def test_graphs_captured_in_inference_mode_do_not_serve_calls_outside_it() -> No
         for _ in range(3):
             out = rms.normalize(x)
     assert not out.is_inference()
+
+
+# ------------------------------------------------------------------ fused kernels
+
+
+needs_triton = pytest.mark.skipif(not fused.available(), reason="triton is not installed")
+
+
+def _torch_twin(shape, **kwargs) -> RunningMeanStd:
+    """A normalizer whose calls never take the fused kernels."""
+
+    class Twin(RunningMeanStd):
+        def update(self, *args, **kw):
+            with fused.use_fused(False):
+                return super().update(*args, **kw)
+
+        def normalize(self, *args, **kw):
+            with fused.use_fused(False):
+                return super().normalize(*args, **kw)
+
+    return Twin(shape, device="cuda", **kwargs)
+
+
+@needs_triton
+def test_eager_cuda_calls_take_the_fused_kernels_and_graph_replays_launch_none() -> None:
+    rms = RunningMeanStd(8, device="cuda")
+    x = torch.randn(16, 8, device="cuda")
+    before = fused.calls()
+    rms.update(x)  # warm-up, eager: three launches
+    rms.normalize(x)
+    after = fused.calls()
+    assert after["update_sums"] - before["update_sums"] == 1
+    assert after["update_merge"] - before["update_merge"] == 1
+    assert after["normalize"] - before["normalize"] == 1
+    for _ in range(2):  # capture, then a replay
+        rms.update(x)
+        rms.normalize(x)
+    replayed = fused.calls()
+    for _ in range(3):
+        rms.update(x)
+        rms.normalize(x)
+    assert fused.calls() == replayed
+    assert int(rms.count) == 16 * 6
+
+
+SHAPES = [(16, 8), (4096, 48), (16384, 256), (33, 1100), (1, 1)]
+
+
+@needs_triton
+@pytest.mark.parametrize(("n", "d"), SHAPES, ids=[f"{n}x{d}" for n, d in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_fused_kernels_match_the_torch_path_at_benchmark_shapes(n, d, dtype) -> None:
+    got = RunningMeanStd(d, device="cuda", clip=3.0)
+    want = _torch_twin(d, clip=3.0)
+    gen = torch.Generator().manual_seed(n + d)
+    for i in range(4):  # eager, capture, replays
+        x = (torch.randn(n, d, generator=gen, dtype=F64) * (1 + i) + 50 * i).to(dtype).cuda()
+        if n > 8:
+            x[3, 0] = math.nan
+            x[5, d - 1] = math.inf
+        mask = (torch.rand(n, generator=gen) > 0.1).cuda()
+        m_got, m_want = got.update(x, mask), want.update(x, mask)
+        assert torch.equal(m_got.count, m_want.count)
+        got_state, want_state = cuda_state(got), cuda_state(want)
+        assert torch.equal(got_state["count"], want_state["count"])
+        assert torch.equal(got_state["nonfinite_count"], want_state["nonfinite_count"])
+        assert_close(got_state["mean"], want_state["mean"], rtol=1e-12, atol=1e-9)
+        assert_close(got_state["var"], want_state["var"], rtol=1e-11)
+        y_got, c_got = got.normalize(x, return_clipped=True)
+        y_want, c_want = want.normalize(x, return_clipped=True)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert_close(y_got, y_want, rtol=tol, atol=tol)
+        assert abs(int(c_got) - int(c_want)) <= max(1, n * d // 100_000)
+
+
+@needs_triton
+def test_fused_update_and_normalize_are_bitwise_deterministic() -> None:
+    x = torch.randn(16384, 256, device="cuda") * 3 + 7
+    outs = []
+    for _ in range(2):
+        rms = RunningMeanStd(256, device="cuda", momentum=0.99)
+        with cuda_graphs.use_graphs(False):
+            for _ in range(3):
+                rms.update(x)
+            outs.append((cuda_state(rms), rms.normalize(x)))
+    assert_state_equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("momentum", "var_floor"), [(None, None), (0.9, 0.3)], ids=["chan", "ema-floor"]
+)
+def test_compiled_merge_kernel_is_bitwise_the_torch_merge_on_the_same_sums(
+    momentum, var_floor
+) -> None:
+    # No multiply-add contraction and IEEE division: the kernel's arithmetic is torch's.
+    x = torch.randn(300, 16, dtype=F64, device="cuda") * 0.01 + 1e4
+    sums = mom.shifted_sums(x, None, mom.batch_shift(x, None))
+
+    def prior():
+        state = initial_state((16,), 5.0, "cuda")
+        state.mean.fill_(1e4 + 0.5)
+        return state
+
+    state = prior()
+    fused.merge_sums(fused.Workspace(), state, sums, momentum, var_floor)
+    current = as_moments(prior())
+    batch = mom.batch_moments(sums)
+    if momentum is None:
+        new = mom.merge(current, batch)
+    else:
+        new = mom.merge_ema(current, batch, momentum, var_floor)
+    assert torch.equal(state.mean, new.mean)
+    assert torch.equal(state.var, new.var)
+    assert torch.equal(state.mean_residual, new.mean_residual)
+
+
+@needs_triton
+@pytest.mark.parametrize(("steps", "envs"), [(1, 4096), (128, 4096), (7, 3)])
+def test_fused_returns_kernel_is_bitwise_the_torch_recursion(steps, envs) -> None:
+    rewards = torch.randn(steps, envs, device="cuda")
+    rewards[0, 0] = math.nan
+    dones = torch.rand(steps, envs, device="cuda") < 0.05
+    start = torch.randn(envs, dtype=F64, device="cuda")
+    got = fused.discounted_returns(rewards, dones, start, 0.99)
+    want = torch_returns(rewards, dones, start, 0.99)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0].nan_to_num(5.0), want[0].nan_to_num(5.0))
+
+
+@needs_triton
+def test_fused_nonfinite_raise_leaves_the_cuda_state_unchanged() -> None:
+    rms = RunningMeanStd(3, nonfinite="raise", device="cuda")
+    rms.update(torch.randn(20, 3, device="cuda"))
+    before = cuda_state(rms)
+    bad = torch.randn(20, 3, device="cuda")
+    bad[2, 2] = math.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rms.update(bad)
+    assert_state_equal(cuda_state(rms), before)
+
+
+@needs_triton
+def test_fused_kernels_run_inside_a_callers_own_capture() -> None:
+    graphed = RunningMeanStd(48, device="cuda")
+    eager = RunningMeanStd(48, device="cuda")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        graphed.update(x)
+        return graphed.normalize(x)
+
+    static_x = torch.zeros(4096, 48, device="cuda")
+    before = fused.calls()
+    graph, static_out = _capture(step, static_x)
+    assert fused.calls()["update_sums"] > before["update_sums"]  # fused, also in the capture
+    graphed.reset()
+    for i in range(3):
+        x = torch.randn(4096, 48, device="cuda") * (i + 1)
+        static_x.copy_(x)
+        graph.replay()
+        want = (eager.update(x), eager.normalize(x))[1]
+        torch.cuda.synchronize()
+        assert_state_equal(cuda_state(graphed), cuda_state(eager))
+        assert torch.equal(static_out, want)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_fused_kernels_index_batches_past_two_to_the_31_elements() -> None:
+    rows = 2**31 // 64 + 64
+    x = torch.ones(rows, 64, dtype=torch.float16, device="cuda")
+    x[-1] = 3.0
+    rms = RunningMeanStd(64, device="cuda")
+    with cuda_graphs.use_graphs(False):
+        rms.update(x)
+        y = rms.normalize(x[-2:])
+    assert int(rms.count) == rows
+    assert_close(rms.mean, torch.full((64,), 1 + 2 / rows, dtype=F64), rtol=1e-12)
+    assert float(y[1, 0]) > 100
+    del x
+    torch.cuda.empty_cache()

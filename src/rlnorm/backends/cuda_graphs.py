@@ -5,7 +5,9 @@ overhead whatever the batch size; a normalize about twenty. Replaying a CUDA gra
 work costs one launch. So, for eager CUDA calls, :class:`GraphedCalls` runs the first call of
 each input signature (shape, dtype, settings) normally on a side stream (the warm-up CUDA
 graphs need), captures the second, and from then on copies the inputs into the graph's static
-buffers, replays, and returns a copy of the outputs: three launches per call.
+buffers, replays, and returns a copy of the outputs: three launches per call. Where the fused
+Triton kernels serve (:mod:`rlnorm.backends.fused`), the graph holds them instead of the torch
+code: three kernels for an update, one for a normalize.
 
 The graphs apply only where they are exact drop-ins: not under ``torch.compile`` or inside a
 capture of the caller's own, no autograd through the input, no distributed reduction and no

@@ -5,14 +5,20 @@ their buffers as a :class:`~rlnorm.algebra.state.State` of tensors, the batch, a
 :class:`Settings`; :func:`shifted_sums` and :func:`discounted_returns` are the plain functions
 behind them. Each call takes the first path that applies:
 
+- the fused Triton kernels (:mod:`rlnorm.backends.fused`): eager CUDA calls of a floating
+  dtype, no autograd through the input, triton importable; replayed from CUDA graphs
+  (:mod:`rlnorm.backends.cuda_graphs`) where those apply, launched eagerly where not (inside a
+  caller's own capture, graphs turned off, a distributed reduction, ``nonfinite="raise"``);
 - the native CPU kernels (:mod:`rlnorm.backends.native`): eager float32/float64 CPU batches,
   no autograd through the input, no distributed reduction;
-- CUDA graphs of the torch code (:mod:`rlnorm.backends.cuda_graphs`): eager CUDA calls;
+- CUDA graphs of the torch code: other eager CUDA calls (``RLNORM_FUSED=0``, no triton,
+  integer inputs);
 - the torch code over :mod:`rlnorm.algebra`: everything else, including ``torch.compile``.
 
-The paths give the same statistics (the merges and normalize bitwise; the sums to rounding, in a
-different summation order) and none synchronises with the host, except ``nonfinite="raise"``,
-which must look at the data. What a normalizer's calls cache (its buffers' addresses for the
+The paths give the same statistics (the merges bitwise given the same sums; the sums to
+rounding, in a different summation order; normalize to rounding of the variance's inverse
+square root) and none synchronises with the host, except ``nonfinite="raise"``, which must look
+at the data. What a normalizer's calls cache (its buffers' addresses for the
 kernels, normalize's affine map, its CUDA graphs) lives in its :class:`Dispatcher`, never on
 the module.
 
@@ -43,7 +49,7 @@ from rlnorm.algebra import moments as _moments
 from rlnorm.algebra import returns as _returns
 from rlnorm.algebra.moments import Moments, ShiftedSums, batch_moments, batch_shift, residual
 from rlnorm.algebra.state import State, as_moments, from_moments
-from rlnorm.backends import cuda_graphs, native
+from rlnorm.backends import cuda_graphs, fused, native
 
 __all__ = ["Dispatcher", "Reducer", "Settings", "discounted_returns", "shifted_sums", "store"]
 
@@ -104,7 +110,7 @@ def shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSum
 def discounted_returns(
     rewards: Tensor, dones: Tensor, returns: Tensor, gamma: float
 ) -> tuple[Tensor, Tensor]:
-    """:func:`~rlnorm.algebra.returns.discounted_returns` by the native kernel where eligible.
+    """:func:`~rlnorm.algebra.returns.discounted_returns` by the fused or native kernel if eligible.
 
     Example:
         >>> import torch
@@ -113,6 +119,13 @@ def discounted_returns(
         >>> discounted_returns(rewards, dones, torch.zeros(1, dtype=torch.float64), 0.5)[1]
         tensor([1.5000], dtype=torch.float64)
     """
+    if (
+        fused.eligible(rewards)
+        and returns.device == rewards.device
+        and dones.device == rewards.device
+        and returns.dtype == torch.float64
+    ):
+        return fused.discounted_returns(rewards, dones, returns, gamma)
     out = native.try_discounted_returns(rewards, dones, returns, gamma)
     return _returns.discounted_returns(rewards, dones, returns, gamma) if out is None else out
 
@@ -193,13 +206,18 @@ def _affine_key(state: State, s: Settings, dtype: torch.dtype) -> tuple | None:
         return None
 
 
+def _clone_outputs(out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Fresh copies of a graph's normalized output and clipped count."""
+    return out[0].clone(), out[1].clone()
+
+
 class Dispatcher:
     """One normalizer's door to the backends, and what its calls cache.
 
     It holds the addresses of the normalizer's buffers for the native kernels, the affine map
-    of normalize on the CPU, and its CUDA graphs; :meth:`clear` forgets them when the buffers
-    are replaced. Copies and pickles start empty. ``lock`` serialises the normalizer's writers
-    and the refresh of the cached map.
+    of normalize on the CPU, its CUDA graphs and the fused kernels' scratch buffers;
+    :meth:`clear` forgets them when the buffers are replaced. Copies and pickles start empty.
+    ``lock`` serialises the normalizer's writers and the refresh of the cached map.
 
     Args:
         name: the normalizer's class name, for warnings.
@@ -216,6 +234,7 @@ class Dispatcher:
         self.pointers = native.StatePointers()
         self.update_graphs = cuda_graphs.GraphedCalls(f"{name}.update")
         self.normalize_graphs = cuda_graphs.GraphedCalls(f"{name}.normalize")
+        self.workspace = fused.Workspace()
         self._affine_cache: tuple[tuple, _affine.Affine, tuple[int, int, int, float, int]] | None
         self._affine_cache = None
 
@@ -227,11 +246,12 @@ class Dispatcher:
         self.__init__(state["name"])  # type: ignore[misc]
 
     def clear(self) -> None:
-        """Forget everything that holds buffer addresses (kernels, affine map, graphs)."""
+        """Forget everything that holds buffer addresses (kernels, affine map, graphs, scratch)."""
         self._affine_cache = None
         self.pointers.clear()
         self.update_graphs.clear()
         self.normalize_graphs.clear()
+        self.workspace.clear()
 
     def update(
         self,
@@ -259,6 +279,12 @@ class Dispatcher:
             ValueError: ``nonfinite="raise"`` and the batch holds NaN or Inf rows; the state
                 is unchanged.
         """
+        if (
+            fused.eligible(flat)
+            and self.workspace.state_ok(state, flat.device)
+            and (weights is None or weights.device == flat.device)
+        ):
+            return self._fused_update(state, flat, weights, s, input_shape, reducer)
         if reducer is None:
             raise_nonfinite = s.nonfinite == "raise"
             batch = native.try_update(
@@ -268,23 +294,72 @@ class Dispatcher:
             if batch is not None:
                 return batch
             if not raise_nonfinite and cuda_graphs.eligible(flat):
-                return self._graphed_update(state, flat, weights, s)
+                return self._graphed_update(state, flat, weights, s, False)
         with torch.no_grad():
             return _update_torch(state, flat, weights, s, input_shape, reducer)
 
-    def _graphed_update(
-        self, state: State, flat: Tensor, weights: Tensor | None, s: Settings
+    def _fused_update(
+        self,
+        state: State,
+        flat: Tensor,
+        weights: Tensor | None,
+        s: Settings,
+        input_shape: torch.Size,
+        reducer: Reducer | None,
     ) -> Moments:
-        """``update`` on CUDA through a CUDA graph of it (:mod:`~rlnorm.backends.cuda_graphs`)."""
-        d = flat.shape[1]
-        shape = state.mean.shape
+        """``update`` by the fused kernels (:mod:`~rlnorm.backends.fused`).
 
-        def packed_update(flat: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        Without a reducer or ``nonfinite="raise"``: three launches (shift, sums, merge), from a
+        CUDA graph where the graphs apply. Otherwise the host takes part: the sums are
+        finalized, reduced over the ranks and/or checked for non-finite rows, then merged by
+        the same merge kernel, so every rank merges bitwise identical sums identically.
+        """
+        ws = self.workspace
+        if reducer is None and s.nonfinite != "raise":
+            if cuda_graphs.eligible(flat):
+                return self._graphed_update(state, flat, weights, s, True)
+            packed = fused.update(ws, state, flat, weights, s.momentum, s.var_floor, s.until)
+            return fused.moments_of(packed, state.mean.shape)
+        with torch.no_grad():
+            if reducer is None:
+                shift = fused.batch_shift(ws, flat, weights, state.count, s.until)
+                sums = fused.shifted_sums(ws, flat, weights, shift, state.count, s.until)
+            else:
+                if s.until is not None:
+                    active = (state.count < s.until).to(torch.float64)
+                    weights = active.expand(flat.shape[0]) if weights is None else weights * active
+                shift = reducer.shift(flat, weights, state)
+                sums = reducer(fused.shifted_sums(ws, flat, weights, shift))
+            if s.nonfinite == "raise" and bool(sums.nonfinite > 0):
+                raise check.nonfinite_error(int(sums.nonfinite), input_shape)
+            packed = fused.merge_sums(ws, state, sums, s.momentum, s.var_floor)
+        return fused.moments_of(packed, state.mean.shape)
+
+    def _graphed_update(
+        self, state: State, flat: Tensor, weights: Tensor | None, s: Settings, use_fused: bool
+    ) -> Moments:
+        """``update`` on CUDA through a CUDA graph of it (:mod:`~rlnorm.backends.cuda_graphs`).
+
+        The graph holds the fused kernels (``use_fused``) or the torch code; a replay is the
+        copy of the batch (and weights) into the graph, the graph, and one copy out.
+        """
+
+        def packed_update(flat: Tensor, weights: Tensor | None) -> Tensor:
+            if use_fused:
+                return fused.update(
+                    self.workspace, state, flat, weights, s.momentum, s.var_floor, s.until
+                )
             with torch.no_grad():
                 m = _update_torch(state, flat, weights, s, flat.shape, None)
-            # One float64 tensor and the count: two copies out of the graph instead of five.
-            parts = (m.weight.view(1), m.mean.view(-1), m.var.view(-1), residual(m).view(-1))
-            return torch.cat(parts), m.count
+            # One float64 tensor, the count as its int64 bits: one copy out of the graph.
+            parts = (
+                m.weight.view(1),
+                m.count.view(1).view(torch.float64),
+                m.mean.view(-1),
+                m.var.view(-1),
+                residual(m).view(-1),
+            )
+            return torch.cat(parts)
 
         key = (
             tuple(flat.shape),
@@ -294,22 +369,13 @@ class Dispatcher:
             s.var_floor,
             s.until,
             torch.is_inference_mode_enabled(),
+            use_fused,
         )
         with torch.no_grad():  # copies into the graph's inputs must not record autograd history
-            packed, count = self.update_graphs(
-                key,
-                packed_update,
-                (flat, weights),
-                lambda out: (out[0].clone(), out[1].clone()),
-                tuple(state),
+            packed = self.update_graphs(
+                key, packed_update, (flat, weights), Tensor.clone, tuple(state)
             )
-        return Moments(
-            packed[0],
-            count,
-            packed[1 : 1 + d].view(shape),
-            packed[1 + d : 1 + 2 * d].view(shape),
-            packed[1 + 2 * d :].view(shape),
-        )
+        return fused.moments_of(packed, state.mean.shape)
 
     def normalize(
         self, state: State, x: Tensor, s: Settings, return_clipped: bool = False
@@ -326,6 +392,16 @@ class Dispatcher:
         Returns:
             The normalized tensor (and the clipped count if asked).
         """
+        if fused.eligible(x) and self.workspace.state_ok(state, x.device):
+            if not cuda_graphs.eligible(x):
+                return fused.normalize(state, x, s.clip, s.epsilon, s.center, return_clipped)
+            return self.normalize_graphs(
+                self._normalize_key(x, s, return_clipped, True),
+                lambda x: fused.normalize(state, x, s.clip, s.epsilon, s.center, return_clipped),
+                (x,),
+                _clone_outputs if return_clipped else Tensor.clone,
+                tuple(state),
+            )
         if native.eligible(x) and state.mean.is_cpu:
             # `a` holds the tensors whose addresses `args` are: alive until the kernel returns.
             a, args = self._cached_affine(state, s, x.dtype)
@@ -333,23 +409,28 @@ class Dispatcher:
             del a
             return (out, at_bound) if return_clipped else out
         if cuda_graphs.eligible(x):
-            key = (
-                tuple(x.shape),
-                x.dtype,
-                s.clip,
-                s.epsilon,
-                s.center,
-                return_clipped,
-                torch.is_inference_mode_enabled(),
-            )
             return self.normalize_graphs(
-                key,
+                self._normalize_key(x, s, return_clipped, False),
                 lambda x: self._normalize_torch(state, x, s, return_clipped),
                 (x,),
-                lambda out: tuple(t.clone() for t in out) if return_clipped else out.clone(),
+                _clone_outputs if return_clipped else Tensor.clone,
                 tuple(state),
             )
         return self._normalize_torch(state, x, s, return_clipped)
+
+    @staticmethod
+    def _normalize_key(x: Tensor, s: Settings, return_clipped: bool, use_fused: bool) -> tuple:
+        """What a graph of normalize depends on besides the input values and the state."""
+        return (
+            tuple(x.shape),
+            x.dtype,
+            s.clip,
+            s.epsilon,
+            s.center,
+            return_clipped,
+            torch.is_inference_mode_enabled(),
+            use_fused,
+        )
 
     def _normalize_torch(
         self, state: State, x: Tensor, s: Settings, return_clipped: bool
