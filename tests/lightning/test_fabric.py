@@ -46,6 +46,30 @@ def test_rollout_api_matches_normalizers_fed_the_same_stream() -> None:
     assert_state_equal(state_of(norm.normalizers), state_of(plain))
 
 
+def test_normalize_obs_of_tensors_and_arrays_matches_normalizers_and_counts_clips() -> None:
+    # Tensors take a shortcut past `Normalizers.normalize_obs_counting_clipped`; NumPy arrays go
+    # the general way. Both must give what the normalizers give, and count the same clipping.
+    fabric = Fabric(accelerator="cpu", devices=1)
+    by_tensor = rlnorm.FabricNormalizers(fabric, clip=1.5)
+    by_numpy = rlnorm.FabricNormalizers(fabric, clip=1.5)
+    gen = torch.Generator().manual_seed(3)
+    first = torch.randn(64, 3, generator=gen) * 4 + 2
+    for norm in (by_tensor, by_numpy):
+        norm.update_obs(first)
+    plain = rlnorm.Normalizers(rlnorm.NormalizerConfig(clip=1.5))
+    plain.update_obs(first)
+    for _ in range(3):
+        obs = torch.randn(16, 3, generator=gen) * 8 + 2
+        expected, counts = plain.normalize_obs_counting_clipped(obs)
+        assert torch.equal(by_tensor.normalize_obs(obs), expected)
+        assert torch.equal(by_numpy.normalize_obs(obs.numpy()), expected)
+    assert int(counts["obs"][0]) > 0  # the clamp did cut values
+    fraction = [
+        n.telemetry.log([], step=0)["rlnorm/obs/clip_fraction"] for n in (by_tensor, by_numpy)
+    ]
+    assert fraction[0] == fraction[1] > 0
+
+
 def test_frozen_normalizers_ignore_updates_and_keep_normalizing() -> None:
     norm = rlnorm.FabricNormalizers(Fabric(accelerator="cpu", devices=1), obs_shape=3, reward=True)
     rollout(norm, seed=1, steps=1)

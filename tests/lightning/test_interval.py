@@ -70,3 +70,34 @@ def test_interval_partials_carry_host_and_device_clipped_counts_into_a_new_insta
     assert metrics.partials().tolist() == [-math.inf, 0.0, 0.0]
     with pytest.raises(ValueError, match="shape"):
         resumed.load_partials(torch.zeros(2))
+
+
+def test_interval_metrics_build_no_torchmetrics_objects_until_the_first_compute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Building torchmetrics objects reads package metadata (tens of milliseconds); recording
+    # runs on the first rollout step of every run, logged or not, so it must not build them.
+    import torchmetrics
+
+    built: list[str] = []
+    original = torchmetrics.Metric.__init__
+
+    def counting_init(self: torchmetrics.Metric, *args: object, **kwargs: object) -> None:
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torchmetrics.Metric, "__init__", counting_init)
+    metrics = IntervalMetrics(torch.device("cpu"))
+    metrics.update_shift(torch.tensor(0.5, dtype=F64))
+    metrics.add_clipped(1, 4)
+    metrics.update_clipped(torch.tensor([10.0, 0.0]), clip=10.0)
+    metrics.partials()
+    assert built == []
+    first = metrics.compute()
+    assert sorted(built) == ["MaxMetric", "SumMetric", "SumMetric"]
+    metrics.add_clipped(3, 4)
+    second = metrics.compute()
+    assert len(built) == 3  # built once, reused by every later interval
+    assert float(first["batch_shift"]) == 0.5
+    assert float(first["clip_fraction"]) == pytest.approx(2 / 6)
+    assert float(second["clip_fraction"]) == 0.75

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import RunningStage
 from typing_extensions import override
 
 from rlnorm import _validation as check
@@ -209,12 +210,14 @@ class NormalizerCallback(RolloutNormalizers, Callback):
     def updates_enabled(self) -> bool:
         """Whether updates change the statistics now: inside the training loop, not frozen."""
         trainer = self._trainer
-        return (
-            not self._frozen
-            and trainer is not None
-            and trainer.training
-            and not trainer.sanity_checking
-        )
+        if self._frozen or trainer is None:
+            return False
+        # Asked before every normalize: the training stage by identity first (Lightning sets the
+        # enum member itself), as `trainer.training` compares strings case-insensitively.
+        stage = trainer.state.stage
+        if stage is RunningStage.TRAINING:
+            return True
+        return trainer.training and not trainer.sanity_checking
 
     # ------------------------------------------------------------------ Lightning hooks
 

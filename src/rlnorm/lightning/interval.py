@@ -22,8 +22,11 @@ class IntervalMetrics:
 
     Each call only folds its figure into a running max or sum (one or two small tensor ops on
     the hot path); at the end of the interval the partial aggregates go through torchmetrics,
-    whose ``compute`` reduces them over all ranks. The partial aggregates are the whole state:
-    :meth:`partials` and :meth:`load_partials` carry an interval across a checkpoint.
+    whose ``compute`` reduces them over all ranks. The torchmetrics objects are built at the
+    first ``compute``, not here: building them reads package metadata (tens of milliseconds),
+    which would otherwise land on the first rollout step of every run, logged or not. The
+    partial aggregates are the whole state: :meth:`partials` and :meth:`load_partials` carry an
+    interval across a checkpoint.
 
     Args:
         device: where the metric states live (the normalizer's device).
@@ -43,17 +46,27 @@ class IntervalMetrics:
         self, device: torch.device, sync: bool = True, process_group: Any | None = None
     ) -> None:
         self.device = device
-        options: dict[str, Any] = {
+        self._options: dict[str, Any] = {
             "nan_strategy": "ignore",
             "sync_on_compute": sync,
             "process_group": process_group,
         }
-        self.batch_shift = MaxMetric(**options).to(device)
-        # Integer-valued float64 sums: exact, so the fraction does not depend on how the
-        # values were split between ranks (or between a checkpoint and the resumed run).
-        self.clipped = SumMetric(**options).set_dtype(torch.float64).to(device)
-        self.values = SumMetric(**options).set_dtype(torch.float64).to(device)
+        # (batch shift, clipped, values), built at the first `compute`.
+        self._reducers: tuple[MaxMetric, SumMetric, SumMetric] | None = None
         self._reset_partials()
+
+    def _metrics(self) -> tuple[MaxMetric, SumMetric, SumMetric]:
+        """The torchmetrics objects that reduce the interval over ranks (built on first use)."""
+        if self._reducers is None:
+            options, device = self._options, self.device
+            # Integer-valued float64 sums: exact, so the fraction does not depend on how the
+            # values were split between ranks (or between a checkpoint and the resumed run).
+            self._reducers = (
+                MaxMetric(**options).to(device),
+                SumMetric(**options).set_dtype(torch.float64).to(device),
+                SumMetric(**options).set_dtype(torch.float64).to(device),
+            )
+        return self._reducers
 
     def _reset_partials(self) -> None:
         f64 = {"dtype": torch.float64, "device": self.device}
@@ -128,19 +141,20 @@ class IntervalMetrics:
         Args:
             reset: start a new interval afterwards; ``False`` only reads the figures so far.
         """
+        shift_metric, clipped_metric, values_metric = metrics = self._metrics()
         nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        self.batch_shift.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
-        self.clipped.update(self._clipped + self._clipped_host)
-        self.values.update(
+        shift_metric.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
+        clipped_metric.update(self._clipped + self._clipped_host)
+        values_metric.update(
             torch.tensor(float(self._values), dtype=torch.float64, device=self.device)
         )
         with warnings.catch_warnings():
             # A rank whose interval had no data contributes NaN, which the metrics ignore.
             warnings.filterwarnings("ignore", message=".*Encountered.*nan.*")
-            shift = self.batch_shift.compute()
-            clipped = self.clipped.compute()
-            values = self.values.compute()
-        for metric in (self.batch_shift, self.clipped, self.values):
+            shift = shift_metric.compute()
+            clipped = clipped_metric.compute()
+            values = values_metric.compute()
+        for metric in metrics:
             metric.reset()
         if reset:
             self._reset_partials()

@@ -130,7 +130,17 @@ class DriftTelemetry:
     def record_obs_clipped(self, counts: Mapping[str, tuple[int | Tensor, int]]) -> None:
         """Record the counts ``Normalizers.normalize_obs_counting_clipped`` returns."""
         for key, (clipped, values) in counts.items():
-            self._metrics(self.normalizers.obs_tag(key)).add_clipped(clipped, values)
+            self.record_clipped(key, clipped, values)
+
+    def record_clipped(self, key: str, clipped: int | Tensor, values: int) -> None:
+        """Record that ``clipped`` of ``values`` observations of normalizer ``key`` sat at ±clip.
+
+        Args:
+            key: the observation normalizer's key (``"obs"`` for tensor observations).
+            clipped: how many values sat at the clamp bound (an int, or a 0-d tensor).
+            values: how many values were normalized.
+        """
+        self._metrics(self.normalizers.obs_tag(key)).add_clipped(clipped, values)
 
     def record_reward_update(self, batch: Moments | None) -> None:
         """Record the batch shift of one reward update (``Normalizers.update_rewards``'s result)."""

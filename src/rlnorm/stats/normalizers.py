@@ -410,7 +410,8 @@ class Normalizers(nn.Module):
         The counts are free on the native CPU path (see
         :meth:`RunningMeanStd.normalize`'s ``return_clipped``).
         """
-        obs = self._ensure_obs(obs)
+        if type(obs) is not Tensor or self.dict_obs is not False:  # else: the per-step case
+            obs = self._ensure_obs(obs)
         if not self.dict_obs:
             y, clipped = self.obs[TENSOR_KEY].normalize(self._tensor(obs), return_clipped=True)
             return y, {TENSOR_KEY: (clipped, y.numel())}
