@@ -2,16 +2,26 @@
 
 Usage:
     python benchmarks/callback_cost.py [--config configs/cartpole.yaml] [--steps 20000]
-        [--repeats 6] [--actions policy|scripted] [--warmup 1] [--accelerator cpu|gpu]
+        [--repeats 6] [--actions policy|scripted] [--schedule turns|runs] [--warmup 1]
+        [--accelerator cpu|gpu]
 
 Runs the reference PPO of a config (its model and ``NormalizerCallback`` settings, as
 ``rlnorm fit`` reads them, e.g. ``configs/cartpole.yaml`` or ``configs/pendulum.yaml``) for a
-fixed number of environment steps, alternately with the callback and without normalization,
-each run in a fresh process with one torch thread, one run at a time so the two modes share
-the machine's noise; the order alternates between repeats and ``--warmup`` runs (discarded)
-come first. What is timed is ``trainer.fit`` as a whole: every rollout (environment steps,
-policy forward passes, the normalizer calls), every PPO update and every Lightning hook, not
-the process start-up nor the imports.
+fixed number of environment steps, with the callback and without normalization, each mode in
+a fresh process with one torch thread. What is timed is ``trainer.fit`` as a whole: every
+rollout (environment steps, policy forward passes, the normalizer calls), every PPO update and
+every Lightning hook, not the process start-up nor the imports. ``--warmup`` pairs (discarded)
+come first, and which mode goes first alternates between repeats.
+
+``--schedule`` says how the two modes of a repeat share the machine:
+
+- ``turns`` (default): both processes run at once but take turns, one PPO iteration (rollout
+  and update, about 0.1 s) at a time, and each clock runs only during its own turns
+  (:class:`Turns`). This machine's speed drifts by 10-20% between runs seconds apart (one
+  seeded run, repeated four times back to back, took 6.3 to 8.7 s), which swamps a cost of a
+  few percent when the modes run one after the other; taking turns puts both under the same
+  drift.
+- ``runs``: one run after the other (the earlier method, kept for comparison).
 
 ``--actions`` chooses what drives the environments:
 
@@ -55,12 +65,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from normalization_effect import MODES, ROOT, time_calls
 
 ACTIONS = ("policy", "scripted")
+SCHEDULES = ("turns", "runs")
 
 
 def worker(
-    config_path: str, mode: str, seed: int, steps: int, accelerator: str, actions: str
+    config_path: str,
+    mode: str,
+    seed: int,
+    steps: int,
+    accelerator: str,
+    actions: str,
+    baton: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train once and return the figures (runs in its own process)."""
+    """Train once and return the figures (runs in its own process).
+
+    With a ``baton`` (this run's semaphore and the other run's), the run holds the CPU in
+    turns with the other mode's run: it works only between acquiring its semaphore and
+    releasing the other's, one rollout-and-update iteration at a time, and times only those
+    turns.
+    """
     import warnings
 
     import lightning as L  # noqa: N812
@@ -115,6 +138,10 @@ def worker(
     spent = [0.0]
     for callback in callbacks:
         time_calls(callback, spent)
+    turns = Turns(baton) if baton is not None else None
+    if turns is not None:
+        # First and last in the list: the turns enclose every hook of the other callbacks.
+        callbacks = [turns.start_hooks(), *callbacks, turns.end_hooks()]
     L.seed_everything(seed, verbose=False)
     model = (ScriptedPPO if actions == "scripted" else PPO)(**model_args)
     trainer = L.Trainer(
@@ -130,6 +157,8 @@ def worker(
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    if turns is not None:
+        wall, cpu = turns.wall, turns.cpu
     return {
         "env_id": model.hparams.env_id,
         "mode": mode,
@@ -142,6 +171,112 @@ def worker(
         "cpu_sps": model.env_steps / cpu,
         "rlnorm_s": spent[0],
     }
+
+
+#: Longest wait for the other run's turn before giving up (it crashed).
+TURN_TIMEOUT_S = 600.0
+
+
+class Turns:
+    """Two runs in two processes taking turns, one PPO iteration at a time, each timing its own.
+
+    The machines this runs on change speed by 10-20% between runs seconds apart (the same
+    seeded run, repeated, took 6.3 to 8.7 s), far more than the few percent to measure. Taking
+    turns every iteration (about 0.1 s) puts both modes under the same slow drifts of the
+    machine's speed: a run's clock runs only during its own turns. A turn starts when the run
+    acquires its semaphore and ends at the start of its next iteration, when it releases the
+    other's: it covers the rollout, the update and every hook in between. The first turn starts
+    at ``setup`` and the last ends at ``teardown``, so the turns add up to the whole fit.
+    """
+
+    def __init__(self, baton: tuple[Any, Any]) -> None:
+        self.mine, self.other = baton
+        self.wall = 0.0
+        self.cpu = 0.0
+        self._started: tuple[float, float] | None = None
+
+    def begin(self) -> None:
+        if not self.mine.acquire(timeout=TURN_TIMEOUT_S):
+            raise RuntimeError("the other run never handed over its turn")
+        self._started = (time.perf_counter(), time.process_time())
+
+    def end(self) -> None:
+        assert self._started is not None
+        wall, cpu = self._started
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+        self._started = None
+        self.other.release()
+
+    def start_hooks(self) -> Any:
+        """A callback that takes the first turn and changes turns at each iteration's start."""
+        import lightning as L  # noqa: N812
+
+        turns = self
+
+        class TurnStart(L.Callback):
+            def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+                turns.begin()
+
+            def on_train_batch_start(self, *args: Any) -> None:
+                if trainer_batch_started[0]:
+                    turns.end()
+                    turns.begin()
+                trainer_batch_started[0] = True
+
+        trainer_batch_started = [False]
+        return TurnStart()
+
+    def end_hooks(self) -> Any:
+        """A callback that ends the last turn after every other callback's teardown."""
+        import lightning as L  # noqa: N812
+
+        turns = self
+
+        class TurnEnd(L.Callback):
+            def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+                turns.end()
+
+        return TurnEnd()
+
+
+def _interleaved_worker(args: tuple[Any, ...], baton: tuple[Any, Any], results: Any) -> None:
+    try:
+        results.put(worker(*args, baton=baton))
+    except BaseException as error:  # report it: the parent is waiting on the queue
+        results.put({"error": repr(error)})
+        raise
+
+
+def run_pair(
+    config: str, seed: int, steps: int, accelerator: str, actions: str, first: str
+) -> dict[str, dict[str, Any]]:
+    """Both modes at once in two processes taking turns (:class:`Turns`); ``first`` starts."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    semaphores = {mode: context.Semaphore(0) for mode in MODES}
+    results = context.Queue()
+    processes = []
+    for mode in MODES:
+        other = next(m for m in MODES if m != mode)
+        baton = (semaphores[mode], semaphores[other])
+        process = context.Process(
+            target=_interleaved_worker,
+            args=((config, mode, seed, steps, accelerator, actions), baton, results),
+        )
+        process.start()
+        processes.append(process)
+    semaphores[first].release()
+    out = [results.get(timeout=TURN_TIMEOUT_S * 2) for _ in processes]
+    for process in processes:
+        process.join()
+    errors = [r["error"] for r in out if "error" in r]
+    if errors:
+        raise RuntimeError(f"run {config} seed {seed} failed: {errors}")
+    for result in out:
+        print(json.dumps(result), flush=True)
+    return {r["mode"]: r for r in out}
 
 
 def run_one(
@@ -183,18 +318,28 @@ def main() -> None:
     parser.add_argument("--actions", default="policy", choices=ACTIONS)
     parser.add_argument("--warmup", type=int, default=1, help="discarded runs first")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--schedule",
+        default="turns",
+        choices=SCHEDULES,
+        help="turns: both modes at once, taking turns every iteration; runs: one after another",
+    )
     args = parser.parse_args()
-    for _ in range(args.warmup):
-        for mode in MODES:
-            run_one(args.config, mode, 1, args.steps, args.accelerator, args.actions)
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for repeat in range(args.repeats):
+    for repeat in range(-args.warmup, args.repeats):  # negative repeats: discarded warm-up
         # Alternate which mode goes first, so a trend in the machine's load favours neither.
-        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
-            result = run_one(
-                args.config, mode, repeat + 1, args.steps, args.accelerator, args.actions
-            )
-            runs[mode].append(result)
+        order = MODES if repeat % 2 == 0 else MODES[::-1]
+        seed = max(repeat + 1, 1)
+        if args.schedule == "turns":
+            pair = run_pair(args.config, seed, args.steps, args.accelerator, args.actions, order[0])
+        else:
+            pair = {
+                mode: run_one(args.config, mode, seed, args.steps, args.accelerator, args.actions)
+                for mode in order
+            }
+        if repeat >= 0:
+            for mode in MODES:
+                runs[mode].append(pair[mode])
     with_rlnorm, without = runs["rlnorm"], runs["none"]
     # The headline: whole-loop throughput with / without, paired by repeat (same seed, run back
     # to back), with its spread over the repeats.
@@ -204,7 +349,7 @@ def main() -> None:
     shown = ", ".join(f"{100 * share:.2f}%" for share in shares)
     print(
         f"\n{args.config}, {args.steps} env steps, {args.repeats} repeats, {args.actions} "
-        f"actions, {args.accelerator}:\n"
+        f"actions, schedule {args.schedule}, {args.accelerator}:\n"
         f"- whole-loop env steps/s, with rlnorm / without (paired by seed): "
         f"{spread(ratios)} (target >= 0.97)\n"
         f"- the same ratio by process CPU time: {spread(cpu_ratios)}\n"
