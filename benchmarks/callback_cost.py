@@ -62,7 +62,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from normalization_effect import MODES, ROOT, time_calls
+from normalization_effect import MODES, ROOT, run_setup
 
 ACTIONS = ("policy", "scripted")
 SCHEDULES = ("turns", "runs")
@@ -88,10 +88,8 @@ def worker(
 
     import lightning as L  # noqa: N812
     import torch
-    import yaml
     from torch.distributions import Distribution
 
-    import rlnorm
     from rlnorm.agents.ppo import PPO
 
     class ScriptedPPO(PPO):
@@ -127,17 +125,7 @@ def worker(
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    config = yaml.safe_load(Path(config_path).read_text())
-    model_args = dict(config.get("model", {}))
-    model_args.update(total_timesteps=steps, seed=seed)
-    callbacks = []
-    if mode == "rlnorm":
-        for entry in config["trainer"]["callbacks"]:
-            if entry["class_path"].endswith("NormalizerCallback"):
-                callbacks.append(rlnorm.NormalizerCallback(**entry.get("init_args", {})))
-    spent = [0.0]
-    for callback in callbacks:
-        time_calls(callback, spent)
+    model_args, callbacks, spent = run_setup(config_path, mode, seed, steps)
     turns = Turns(baton) if baton is not None else None
     if turns is not None:
         # First and last in the list: the turns enclose every hook of the other callbacks.
@@ -157,8 +145,9 @@ def worker(
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    spans = []
     if turns is not None:
-        wall, cpu = turns.wall, turns.cpu
+        wall, cpu, spans = turns.wall, turns.cpu, turns.spans
     return {
         "env_id": model.hparams.env_id,
         "mode": mode,
@@ -170,6 +159,7 @@ def worker(
         "sps": model.env_steps / wall,
         "cpu_sps": model.env_steps / cpu,
         "rlnorm_s": spent[0],
+        "turns": spans,
     }
 
 
@@ -193,6 +183,8 @@ class Turns:
         self.mine, self.other = baton
         self.wall = 0.0
         self.cpu = 0.0
+        #: (start, end) of every turn, on the monotonic clock all processes share.
+        self.spans: list[tuple[float, float]] = []
         self._started: tuple[float, float] | None = None
 
     def begin(self) -> None:
@@ -203,7 +195,9 @@ class Turns:
     def end(self) -> None:
         assert self._started is not None
         wall, cpu = self._started
-        self.wall += time.perf_counter() - wall
+        now = time.perf_counter()
+        self.spans.append((wall, now))
+        self.wall += now - wall
         self.cpu += time.process_time() - cpu
         self._started = None
         self.other.release()
@@ -275,7 +269,7 @@ def run_pair(
     if errors:
         raise RuntimeError(f"run {config} seed {seed} failed: {errors}")
     for result in out:
-        print(json.dumps(result), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k != "turns"}), flush=True)
     return {r["mode"]: r for r in out}
 
 
@@ -290,7 +284,7 @@ def run_one(
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"run {config} {mode} {seed} failed:\n{out.stderr[-2000:]}")
     result = json.loads(lines[-1])
-    print(json.dumps(result), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "turns"}), flush=True)
     return result
 
 

@@ -37,6 +37,31 @@ DEFAULT_CONFIGS = ["configs/cartpole.yaml", "configs/cartpole_scaled.yaml", "con
 MODES = ("rlnorm", "none")
 
 
+def run_setup(
+    config_path: str, mode: str, seed: int, steps: int
+) -> tuple[dict[str, Any], list[Any], list[float]]:
+    """A run's model arguments, its callbacks (timed) and the list their time adds up in.
+
+    The model arguments are the config's, for ``steps`` environment steps and ``seed``; with
+    ``mode="rlnorm"`` the callbacks are the config's ``NormalizerCallback``, each call of which
+    adds its wall time to ``spent[0]`` (see :func:`time_calls`); with ``"none"`` there are none.
+    """
+    import rlnorm
+
+    config = yaml.safe_load(Path(config_path).read_text())
+    model_args = dict(config.get("model", {}))
+    model_args.update(total_timesteps=steps, seed=seed)
+    callbacks: list[Any] = []
+    if mode == "rlnorm":
+        for entry in config["trainer"]["callbacks"]:
+            if entry["class_path"].endswith("NormalizerCallback"):
+                callbacks.append(rlnorm.NormalizerCallback(**entry.get("init_args", {})))
+    spent = [0.0]
+    for callback in callbacks:
+        time_calls(callback, spent)
+    return model_args, callbacks, spent
+
+
 def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str = "cpu") -> dict:
     """Train once and return the figures (runs in its own process)."""
     import warnings
@@ -45,22 +70,11 @@ def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str 
     import numpy as np
     import torch
 
-    import rlnorm
     from rlnorm.agents.ppo import PPO
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    config = yaml.safe_load(Path(config_path).read_text())
-    model_args = dict(config.get("model", {}))
-    model_args.update(total_timesteps=steps, seed=seed)
-    callbacks = []
-    if mode == "rlnorm":
-        for entry in config["trainer"]["callbacks"]:
-            if entry["class_path"].endswith("NormalizerCallback"):
-                callbacks.append(rlnorm.NormalizerCallback(**entry.get("init_args", {})))
-    spent = [0.0]
-    for callback in callbacks:
-        time_calls(callback, spent)
+    model_args, callbacks, spent = run_setup(config_path, mode, seed, steps)
     L.seed_everything(seed, verbose=False)
     model = PPO(**model_args)
     trainer = L.Trainer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_peers  # noqa: E402
+import callback_cost  # noqa: E402
 import gpu_step  # noqa: E402
 from rsl_rl_equivalent import EmpiricalNormalization  # noqa: E402
 
@@ -98,3 +100,24 @@ def test_gpu_step_runs_on_the_cpu_and_writes_its_tables(tmp_path: Path) -> None:
     text = out.read_text()
     assert "| policy + env + rlnorm |" in text
     assert "| with NormalizerCallback |" in text
+
+
+@pytest.mark.slow
+def test_callback_cost_modes_take_turns_that_never_overlap_and_cover_the_whole_fit() -> None:
+    config = str(callback_cost.ROOT / "configs" / "cartpole.yaml")
+    pair = callback_cost.run_pair(config, 1, 768, "cpu", "policy", first="none")
+    with_rlnorm, without = pair["rlnorm"], pair["none"]
+    assert with_rlnorm["steps"] == without["steps"] == 768
+    # setup to the first iteration, then one turn per iteration (3 rollouts of 8 x 32).
+    assert len(with_rlnorm["turns"]) == len(without["turns"]) == 4
+    spans = sorted(
+        [(*span, "rlnorm") for span in with_rlnorm["turns"]]
+        + [(*span, "none") for span in without["turns"]]
+    )
+    assert [mode for *_, mode in spans] == ["none", "rlnorm"] * 4  # strictly alternating
+    for (_, end, _), (start, _, _) in itertools.pairwise(spans):
+        assert end <= start  # one turn ends before the next one starts
+    for result in pair.values():
+        assert result["wall_s"] == pytest.approx(sum(end - start for start, end in result["turns"]))
+    assert with_rlnorm["rlnorm_s"] > 0.0
+    assert without["rlnorm_s"] == 0.0
