@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -664,3 +665,56 @@ def test_kernels_compile_to_sm90_machine_code_without_a_gpu() -> None:
         pytest.skip(f"this triton cannot compile ahead of time here: {out.stderr[-300:]}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "compiled"
+
+
+class _Uncompilable:
+    """A kernel that fails at launch, as Triton's do on a GPU older than it supports."""
+
+    def __getitem__(self, grid: object):
+        def launch(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("Triton only supports devices of CUDA compute capability >= 7.5")
+
+        return launch
+
+
+def test_kernels_that_cannot_compile_turn_the_fused_path_off_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernels = fused._load()
+    for name in ("update_sums_kernel", "normalize_kernel", "discounted_returns_kernel"):
+        monkeypatch.setattr(kernels, name, _Uncompilable())
+    monkeypatch.setattr(fused, "interpreting", lambda: False)  # as on a real GPU
+    monkeypatch.setattr(fused, "_enabled", True)
+    got, want = RunningMeanStd(3, clip=2.0), RunningMeanStd(3, clip=2.0)
+    x = _batch(40, 3, torch.float32, seed=1, bad=False)
+    with pytest.warns(RuntimeWarning, match=r"update_sums.*compute capability.*RLNORM_FUSED=0"):
+        got.update(x)
+    assert not fused.enabled()
+    want.update(x)
+    # The failed launch wrote nothing: the torch code's update was applied exactly once.
+    assert _states_equal(State(*got.state), State(*want.state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the kernels stay off
+        assert torch.equal(got.normalize(x), want.normalize(x))
+        got.update(x)
+    monkeypatch.setattr(fused, "_enabled", True)
+    with pytest.warns(RuntimeWarning, match=r"`normalize`"):
+        assert torch.equal(got.normalize(x), want.normalize(x))
+    monkeypatch.setattr(fused, "_enabled", True)
+    rewards = torch.ones(3, 2)
+    dones = torch.zeros(3, 2, dtype=torch.bool)
+    start = torch.zeros(2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"`discounted_returns`"):
+        trajectory, _ = dispatch.discounted_returns(rewards, dones, start, 0.5)
+    assert torch.equal(trajectory, torch_returns(rewards, dones, start, 0.5)[0])
+
+
+def test_under_the_interpreter_a_failing_kernel_is_raised_not_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fused._load(), "update_sums_kernel", _Uncompilable())
+    rms = RunningMeanStd(3)
+    with pytest.raises(fused.KernelError, match="update_sums"):
+        rms.update(_batch(8, 3, torch.float32, seed=2))
+    assert fused.enabled()
+    assert int(rms.count) == 0

@@ -125,7 +125,10 @@ def discounted_returns(
         and dones.device == rewards.device
         and returns.dtype == torch.float64
     ):
-        return fused.discounted_returns(rewards, dones, returns, gamma)
+        try:
+            return fused.discounted_returns(rewards, dones, returns, gamma)
+        except fused.KernelError as error:  # the torch code below serves instead
+            fused.fall_back(error)
     out = native.try_discounted_returns(rewards, dones, returns, gamma)
     return _returns.discounted_returns(rewards, dones, returns, gamma) if out is None else out
 
@@ -284,7 +287,10 @@ class Dispatcher:
             and self.workspace.state_ok(state, flat.device)
             and (weights is None or weights.device == flat.device)
         ):
-            return self._fused_update(state, flat, weights, s, input_shape, reducer)
+            try:
+                return self._fused_update(state, flat, weights, s, input_shape, reducer)
+            except fused.KernelError as error:  # nothing was written: the paths below serve
+                fused.fall_back(error)
         if reducer is None:
             raise_nonfinite = s.nonfinite == "raise"
             batch = native.try_update(
@@ -393,15 +399,20 @@ class Dispatcher:
             The normalized tensor (and the clipped count if asked).
         """
         if fused.eligible(x) and self.workspace.state_ok(state, x.device):
-            if not cuda_graphs.eligible(x):
-                return fused.normalize(state, x, s.clip, s.epsilon, s.center, return_clipped)
-            return self.normalize_graphs(
-                self._normalize_key(x, s, return_clipped, True),
-                lambda x: fused.normalize(state, x, s.clip, s.epsilon, s.center, return_clipped),
-                (x,),
-                _clone_outputs if return_clipped else Tensor.clone,
-                tuple(state),
-            )
+            try:
+                if not cuda_graphs.eligible(x):
+                    return fused.normalize(state, x, s.clip, s.epsilon, s.center, return_clipped)
+                return self.normalize_graphs(
+                    self._normalize_key(x, s, return_clipped, True),
+                    lambda x: fused.normalize(
+                        state, x, s.clip, s.epsilon, s.center, return_clipped
+                    ),
+                    (x,),
+                    _clone_outputs if return_clipped else Tensor.clone,
+                    tuple(state),
+                )
+            except fused.KernelError as error:  # the paths below serve instead
+                fused.fall_back(error)
         if native.eligible(x) and state.mean.is_cpu:
             # `a` holds the tensors whose addresses `args` are: alive until the kernel returns.
             a, args = self._cached_affine(state, s, x.dtype)

@@ -21,6 +21,8 @@ autograd through the input, triton importable); :mod:`rlnorm.backends.dispatch` 
 the torch code otherwise, and runs the eager launches inside its automatic CUDA graphs, so a
 replay pays no launch overhead. Set ``RLNORM_FUSED=0`` (or use :func:`use_fused`) to turn them
 off. :func:`calls` counts the launches made from Python per kernel (graph replays make none).
+A kernel that cannot compile or launch on a machine turns the fused path off for the rest of
+the process, with one warning, and the torch code serves (:func:`fall_back`).
 
 The kernels live in :mod:`rlnorm.backends._triton_kernels`, imported on first use, so that
 importing rlnorm never imports triton. On machines without a GPU, tests run them through
@@ -40,6 +42,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import NamedTuple
@@ -51,6 +54,7 @@ from rlnorm.algebra.moments import SHIFT_ROWS, Moments, ShiftedSums
 from rlnorm.algebra.state import State
 
 __all__ = [
+    "KernelError",
     "Workspace",
     "available",
     "batch_shift",
@@ -58,6 +62,7 @@ __all__ = [
     "discounted_returns",
     "eligible",
     "enabled",
+    "fall_back",
     "interpret_on_cpu",
     "interpreting",
     "merge_sums",
@@ -123,6 +128,54 @@ def _load() -> ModuleType | None:
                 _kernels = _triton_kernels
                 _import_tried = True
     return _kernels
+
+
+class KernelError(RuntimeError):
+    """A fused kernel could not be compiled or launched here; it wrote no statistic.
+
+    Raised at a launch, before the kernel runs: the merge kernel is the only one that writes a
+    normalizer's buffers, and it is launched last, so a failed update leaves them as they were.
+    """
+
+
+@contextlib.contextmanager
+def _launching(kernel: str) -> Iterator[None]:
+    """Turn any failure to compile or launch ``kernel`` into a :class:`KernelError`."""
+    try:
+        yield
+    except Exception as error:
+        raise KernelError(
+            f"rlnorm's fused kernel `{kernel}` could not be compiled or launched: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def fall_back(error: KernelError) -> None:
+    """Turn the fused kernels off for this process after ``error``, with one warning.
+
+    Triton can be importable where its kernels cannot run (a GPU older than it supports, a
+    broken toolchain): the statistics then go on with the torch code, which gives the same
+    results, instead of failing every call. Under Triton's interpreter (tests) the error is
+    raised instead: there a failing kernel is a bug.
+
+    Raises:
+        KernelError: ``error`` itself, when the kernels are interpreted.
+
+    Example:
+        >>> with use_fused(True):
+        ...     fall_back(KernelError("example"))  # doctest: +SKIP
+    """
+    global _enabled
+    if interpreting():  # kernels run on the CPU for tests: a failure is a bug, not the machine
+        raise error
+    _enabled = False
+    warnings.warn(
+        f"{error} The fused CUDA kernels are off for the rest of this process; rlnorm uses its "
+        "torch code instead (same statistics, slower on GPUs). Set RLNORM_FUSED=0 to skip "
+        "them from the start and silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def available() -> bool:
@@ -386,24 +439,25 @@ def _launch_shift(
     cfg: _SumsConfig,
 ) -> None:
     n, d = flat.shape
-    k.update_shift_kernel[(1,)](
-        flat,
-        flat if weights is None else weights,
-        count,
-        0 if until is None else until,
-        shift,
-        n,
-        d,
-        flat.stride(0),
-        flat.stride(1),
-        0 if weights is None else weights.stride(0),
-        HAS_WEIGHTS=weights is not None,
-        HAS_UNTIL=until is not None,
-        HEAD=SHIFT_ROWS,
-        BLOCK_D=cfg.shift_block_d,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
-    )
+    with _launching("update_shift"):
+        k.update_shift_kernel[(1,)](
+            flat,
+            flat if weights is None else weights,
+            count,
+            0 if until is None else until,
+            shift,
+            n,
+            d,
+            flat.stride(0),
+            flat.stride(1),
+            0 if weights is None else weights.stride(0),
+            HAS_WEIGHTS=weights is not None,
+            HAS_UNTIL=until is not None,
+            HEAD=SHIFT_ROWS,
+            BLOCK_D=cfg.shift_block_d,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     _calls["update_shift"] += 1
 
 
@@ -420,28 +474,29 @@ def _launch_sums(
 ) -> int:
     n, d = flat.shape
     programs = max(1, min(-(-n // cfg.block_n), cfg.max_programs))
-    k.update_sums_kernel[(programs,)](
-        flat,
-        flat if weights is None else weights,
-        count,
-        0 if until is None else until,
-        shift,
-        part_f,
-        part_i,
-        n,
-        d,
-        flat.stride(0),
-        flat.stride(1),
-        0 if weights is None else weights.stride(0),
-        part_f.stride(0),
-        HAS_WEIGHTS=weights is not None,
-        HAS_UNTIL=until is not None,
-        ONE_BLOCK=cfg.one_block,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=cfg.block_d,
-        num_warps=SUMS_NUM_WARPS,
-        enable_fp_fusion=False,
-    )
+    with _launching("update_sums"):
+        k.update_sums_kernel[(programs,)](
+            flat,
+            flat if weights is None else weights,
+            count,
+            0 if until is None else until,
+            shift,
+            part_f,
+            part_i,
+            n,
+            d,
+            flat.stride(0),
+            flat.stride(1),
+            0 if weights is None else weights.stride(0),
+            part_f.stride(0),
+            HAS_WEIGHTS=weights is not None,
+            HAS_UNTIL=until is not None,
+            ONE_BLOCK=cfg.one_block,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d,
+            num_warps=SUMS_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     _calls["update_sums"] += 1
     return programs
 
@@ -464,29 +519,30 @@ def _launch_merge(
         params = shift  # unread
     else:
         params = _params(out.device, (momentum, 1.0 - momentum, var_floor or 0.0))
-    k.update_merge_kernel[(1,)](
-        part_f,
-        part_i,
-        n_parts,
-        part_f.stride(0),
-        shift,
-        state.mean,
-        state.var,
-        state.mean_residual,
-        state.weight_sum,
-        state.count,
-        state.nonfinite_count,
-        params,
-        out,
-        n_feat,
-        FINALIZE=finalize,
-        EMA=momentum is not None,
-        VAR_FLOOR=var_floor is not None,
-        BLOCK_P=cfg.merge_block_p,
-        BLOCK_D=cfg.merge_block_d,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
-    )
+    with _launching("update_merge"):
+        k.update_merge_kernel[(1,)](
+            part_f,
+            part_i,
+            n_parts,
+            part_f.stride(0),
+            shift,
+            state.mean,
+            state.var,
+            state.mean_residual,
+            state.weight_sum,
+            state.count,
+            state.nonfinite_count,
+            params,
+            out,
+            n_feat,
+            FINALIZE=finalize,
+            EMA=momentum is not None,
+            VAR_FLOOR=var_floor is not None,
+            BLOCK_P=cfg.merge_block_p,
+            BLOCK_D=cfg.merge_block_d,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     _calls["update_merge"] += 1
 
 
@@ -690,28 +746,29 @@ def normalize(
         block_n = max(1, NORMALIZE_TILE // block_d)
         params = _params(x.device, (epsilon, math.inf if clip is None else clip))
         grid = (-(-n // block_n), -(-d // block_d))
-        k.normalize_kernel[grid](
-            flat,
-            y,
-            state.mean,
-            state.var,
-            state.mean_residual,
-            state.weight_sum,
-            params,
-            y if clipped is None else clipped,
-            n,
-            d,
-            flat.stride(0),
-            flat.stride(1),
-            COMPUTE=k.tl.float64 if x.dtype == F64 else k.tl.float32,
-            CENTER=center,
-            CLAMP=clip is not None,
-            COUNT=clipped is not None and clip is not None,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+        with _launching("normalize"):
+            k.normalize_kernel[grid](
+                flat,
+                y,
+                state.mean,
+                state.var,
+                state.mean_residual,
+                state.weight_sum,
+                params,
+                y if clipped is None else clipped,
+                n,
+                d,
+                flat.stride(0),
+                flat.stride(1),
+                COMPUTE=k.tl.float64 if x.dtype == F64 else k.tl.float32,
+                CENTER=center,
+                CLAMP=clip is not None,
+                COUNT=clipped is not None and clip is not None,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
         _calls["normalize"] += 1
     return y if clipped is None else (y, clipped)
 
@@ -739,22 +796,23 @@ def discounted_returns(
     if envs:
         flags = dones.view(torch.uint8) if dones.dtype == torch.bool else (dones != 0).byte()
         start = returns.to(F64).contiguous()
-        k.discounted_returns_kernel[(-(-envs // RETURNS_BLOCK_E),)](
-            rewards,
-            flags,
-            start,
-            trajectory,
-            new_returns,
-            _params(device, (float(gamma),)),
-            steps,
-            envs,
-            rewards.stride(0),
-            rewards.stride(1),
-            flags.stride(0),
-            flags.stride(1),
-            BLOCK_E=RETURNS_BLOCK_E,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+        with _launching("discounted_returns"):
+            k.discounted_returns_kernel[(-(-envs // RETURNS_BLOCK_E),)](
+                rewards,
+                flags,
+                start,
+                trajectory,
+                new_returns,
+                _params(device, (float(gamma),)),
+                steps,
+                envs,
+                rewards.stride(0),
+                rewards.stride(1),
+                flags.stride(0),
+                flags.stride(1),
+                BLOCK_E=RETURNS_BLOCK_E,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
         _calls["discounted_returns"] += 1
     return trajectory, new_returns
