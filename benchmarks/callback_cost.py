@@ -62,7 +62,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from normalization_effect import MODES, ROOT, run_setup
+from normalization_effect import MODES, ROOT, bare_trainer, run_setup
 
 ACTIONS = ("policy", "scripted")
 SCHEDULES = ("turns", "runs")
@@ -132,16 +132,7 @@ def worker(
         callbacks = [turns.start_hooks(), *callbacks, turns.end_hooks()]
     L.seed_everything(seed, verbose=False)
     model = (ScriptedPPO if actions == "scripted" else PPO)(**model_args)
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=-1,
-    )
+    trainer = bare_trainer(accelerator, callbacks)
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -62,6 +62,22 @@ def run_setup(
     return model_args, callbacks, spent
 
 
+def bare_trainer(accelerator: str, callbacks: list[Any]) -> Any:
+    """A one-device Trainer that trains until the model stops it, writing and printing nothing."""
+    import lightning as L  # noqa: N812
+
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=-1,
+    )
+
+
 def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str = "cpu") -> dict:
     """Train once and return the figures (runs in its own process)."""
     import warnings
@@ -77,16 +93,7 @@ def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str 
     model_args, callbacks, spent = run_setup(config_path, mode, seed, steps)
     L.seed_everything(seed, verbose=False)
     model = PPO(**model_args)
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=-1,
-    )
+    trainer = bare_trainer(accelerator, callbacks)
     start = time.perf_counter()
     trainer.fit(model)
     wall = time.perf_counter() - start
