@@ -685,6 +685,7 @@ def test_kernels_that_cannot_compile_turn_the_fused_path_off_with_one_warning(
         monkeypatch.setattr(kernels, name, _Uncompilable())
     monkeypatch.setattr(fused, "interpreting", lambda: False)  # as on a real GPU
     monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "_fell_back", False)
     got, want = RunningMeanStd(3, clip=2.0), RunningMeanStd(3, clip=2.0)
     x = _batch(40, 3, torch.float32, seed=1, bad=False)
     with pytest.warns(RuntimeWarning, match=r"update_sums.*compute capability.*RLNORM_FUSED=0"):
@@ -698,9 +699,11 @@ def test_kernels_that_cannot_compile_turn_the_fused_path_off_with_one_warning(
         assert torch.equal(got.normalize(x), want.normalize(x))
         got.update(x)
     monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "_fell_back", False)
     with pytest.warns(RuntimeWarning, match=r"`normalize`"):
         assert torch.equal(got.normalize(x), want.normalize(x))
     monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "_fell_back", False)
     rewards = torch.ones(3, 2)
     dones = torch.zeros(3, 2, dtype=torch.bool)
     start = torch.zeros(2, dtype=torch.float64)
@@ -718,3 +721,61 @@ def test_under_the_interpreter_a_failing_kernel_is_raised_not_hidden(
         rms.update(_batch(8, 3, torch.float32, seed=2))
     assert fused.enabled()
     assert int(rms.count) == 0
+
+
+class _CountingReducer(_FixedReducer):
+    """A :class:`_FixedReducer` that counts its all-reduces."""
+
+    def __init__(self, sums: mom.ShiftedSums) -> None:
+        super().__init__(sums)
+        self.reductions = 0
+
+    def __call__(self, sums):
+        self.reductions += 1
+        return super().__call__(sums)
+
+
+def test_a_merge_kernel_failing_after_the_all_reduce_does_not_reduce_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x = _batch(40, 4, F64, seed=8)
+    reduced = mom.shifted_sums(x, None, mom.batch_shift(x, None))
+    local = _batch(10, 4, torch.float32, seed=9)
+    want = _prior_state(4, 1, 12.0)
+    with fused.use_fused(False):
+        m_want = Dispatcher("t").update(
+            want, local, None, SKIP, local.shape, _FixedReducer(reduced)
+        )
+    monkeypatch.setattr(fused._load(), "update_merge_kernel", _Uncompilable())
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "_fell_back", False)
+    got, reducer = _prior_state(4, 1, 12.0), _CountingReducer(reduced)
+    with pytest.warns(RuntimeWarning, match="update_merge"):
+        m_got = Dispatcher("t").update(got, local, None, SKIP, local.shape, reducer)
+    assert reducer.reductions == 1  # a second all-reduce would hang ranks that did not fail
+    assert _states_equal(got, want)
+    for a, b in zip(m_got, m_want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_use_fused_does_not_turn_kernels_back_on_after_they_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "_fell_back", False)
+    with fused.use_fused(True), pytest.warns(RuntimeWarning, match="example"):
+        fused.fall_back(fused.KernelError("rlnorm's fused kernel `example` failed."))
+    assert not fused.enabled()
+    with fused.use_fused(True):
+        assert not fused.enabled()
+
+
+def test_clearing_a_dispatcher_keeps_the_scratch_a_captured_graph_may_still_use() -> None:
+    door = Dispatcher("t")
+    state = initial_state((3,), prior_weight=0.0)
+    door.update(state, _batch(8, 3, torch.float32, seed=3, bad=False), None, SKIP, (8, 3))
+    scratch = [t.data_ptr() for t in door.workspace._buffers[state.mean.device, 3]]
+    door.clear()
+    assert [t.data_ptr() for t in door.workspace._buffers[state.mean.device, 3]] == scratch

@@ -159,9 +159,12 @@ class GraphedCalls:
         stream.wait_stream(current)
         if key not in self._warmed:
             # The warm-up CUDA graphs need (lazy handles and workspaces on the capture stream)
-            # is this call itself, run eagerly on the stream the capture will use.
+            # is this call itself, run eagerly on the stream the capture will use, on copies
+            # laid out as the capture's static inputs will be: kernels specialised by layout
+            # (Triton's, by pointer alignment and strides) are then compiled before the
+            # capture, which cannot load new ones. A sliced input is the case this covers.
             with torch.cuda.stream(stream):
-                out = fn(*inputs)
+                out = fn(*[None if t is None else t.clone() for t in inputs])
             current.wait_stream(stream)
             self._warmed.add(key)
             return out

@@ -168,6 +168,11 @@ def _update_torch(
         sums = reducer(sums)
     if s.nonfinite == "raise" and bool(sums.nonfinite > 0):
         raise check.nonfinite_error(int(sums.nonfinite), input_shape)
+    return _merge_torch(state, sums, s)
+
+
+def _merge_torch(state: State, sums: ShiftedSums, s: Settings) -> Moments:
+    """Merge a batch's (reduced) sums into ``state`` in place; the batch's moments."""
     batch = batch_moments(sums)
     flat_state = (state.mean.reshape(-1), state.var.reshape(-1), state.mean_residual.reshape(-1))
     current = Moments(state.weight_sum, state.count, *flat_state)
@@ -338,7 +343,13 @@ class Dispatcher:
                 sums = reducer(fused.shifted_sums(ws, flat, weights, shift))
             if s.nonfinite == "raise" and bool(sums.nonfinite > 0):
                 raise check.nonfinite_error(int(sums.nonfinite), input_shape)
-            packed = fused.merge_sums(ws, state, sums, s.momentum, s.var_floor)
+            try:
+                packed = fused.merge_sums(ws, state, sums, s.momentum, s.var_floor)
+            except fused.KernelError as error:
+                # The sums are already reduced over the ranks: merge them here rather than
+                # start the update again, which would run the collectives a second time.
+                fused.fall_back(error)
+                return _merge_torch(state, sums, s)
         return fused.moments_of(packed, state.mean.shape)
 
     def _graphed_update(

@@ -100,6 +100,8 @@ NUM_WARPS = 4
 SUMS_NUM_WARPS = 8
 
 _enabled = os.environ.get("RLNORM_FUSED", "1") != "0"
+#: Set by :func:`fall_back`: the kernels failed here, so nothing turns them on again.
+_fell_back = False
 _interpret_cpu = False
 _kernels: ModuleType | None = None
 _import_tried = False
@@ -165,10 +167,15 @@ def fall_back(error: KernelError) -> None:
         >>> with use_fused(True):
         ...     fall_back(KernelError("example"))  # doctest: +SKIP
     """
-    global _enabled
+    global _enabled, _fell_back
     if interpreting():  # kernels run on the CPU for tests: a failure is a bug, not the machine
         raise error
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # Inside a caller's capture (a first call compiles, which a capture forbids): the
+        # capture is lost either way, and the kernels may well run once warmed up eagerly.
+        raise error
     _enabled = False
+    _fell_back = True
     warnings.warn(
         f"{error} The fused CUDA kernels are off for the rest of this process; rlnorm uses its "
         "torch code instead (same statistics, slower on GPUs). Set RLNORM_FUSED=0 to skip "
@@ -221,11 +228,11 @@ def use_fused(on: bool) -> Iterator[None]:
     """
     global _enabled
     previous = _enabled
-    _enabled = bool(on)
+    _enabled = bool(on) and not _fell_back
     try:
         yield
     finally:
-        _enabled = previous
+        _enabled = previous and not _fell_back  # a fall-back inside the block stands
 
 
 @contextlib.contextmanager
@@ -396,8 +403,12 @@ class Workspace:
         self._state: tuple[tuple[Tensor, ...], torch.device] | None = None
 
     def clear(self) -> None:
-        """Drop the buffers (the dispatcher dropped the graphs that used them)."""
-        self._buffers.clear()
+        """Forget the eligible state (buffers replaced or reloaded).
+
+        The scratch buffers stay: they do not depend on the state, and CUDA graphs a caller
+        captured around an update keep their addresses, so freeing them would let a replay
+        write memory reused since.
+        """
         self._state = None
 
     def state_ok(self, state: State, device: torch.device) -> bool:
