@@ -150,6 +150,16 @@ def store(state: State, new: State) -> None:
         buffer.view(-1).copy_(value.reshape(-1))
 
 
+def _until_weights(
+    state: State, flat: Tensor, weights: Tensor | None, s: Settings
+) -> Tensor | None:
+    """Row weights with ``until`` applied: all 0 once the count reached it (no host read)."""
+    if s.until is None:
+        return weights
+    active = (state.count < s.until).to(torch.float64)
+    return active.expand(flat.shape[0]) if weights is None else weights * active
+
+
 def _update_torch(
     state: State,
     flat: Tensor,
@@ -159,9 +169,7 @@ def _update_torch(
     reducer: Reducer | None,
 ) -> Moments:
     """``update`` with torch operations (any device, compiled, graph-captured, reduced)."""
-    if s.until is not None:
-        active = (state.count < s.until).to(torch.float64)
-        weights = active.expand(flat.shape[0]) if weights is None else weights * active
+    weights = _until_weights(state, flat, weights, s)
     shift = batch_shift(flat, weights) if reducer is None else reducer.shift(flat, weights, state)
     sums = shifted_sums(flat, weights, shift)
     if reducer is not None:
@@ -336,9 +344,7 @@ class Dispatcher:
                 shift = fused.batch_shift(ws, flat, weights, state.count, s.until)
                 sums = fused.shifted_sums(ws, flat, weights, shift, state.count, s.until)
             else:
-                if s.until is not None:
-                    active = (state.count < s.until).to(torch.float64)
-                    weights = active.expand(flat.shape[0]) if weights is None else weights * active
+                weights = _until_weights(state, flat, weights, s)
                 shift = reducer.shift(flat, weights, state)
                 sums = reducer(fused.shifted_sums(ws, flat, weights, shift))
             if s.nonfinite == "raise" and bool(sums.nonfinite > 0):

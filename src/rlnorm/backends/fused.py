@@ -142,7 +142,7 @@ class KernelError(RuntimeError):
 
 @contextlib.contextmanager
 def _launching(kernel: str) -> Iterator[None]:
-    """Turn any failure to compile or launch ``kernel`` into a :class:`KernelError`."""
+    """Count a launch of ``kernel`` (:func:`calls`), or turn its failure into a KernelError."""
     try:
         yield
     except Exception as error:
@@ -150,6 +150,7 @@ def _launching(kernel: str) -> Iterator[None]:
             f"rlnorm's fused kernel `{kernel}` could not be compiled or launched: "
             f"{type(error).__name__}: {error}"
         ) from error
+    _calls[kernel] += 1
 
 
 def fall_back(error: KernelError) -> None:
@@ -469,7 +470,6 @@ def _launch_shift(
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
-    _calls["update_shift"] += 1
 
 
 def _launch_sums(
@@ -508,7 +508,6 @@ def _launch_sums(
             num_warps=SUMS_NUM_WARPS,
             enable_fp_fusion=False,
         )
-    _calls["update_sums"] += 1
     return programs
 
 
@@ -554,7 +553,6 @@ def _launch_merge(
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
-    _calls["update_merge"] += 1
 
 
 def update(
@@ -780,7 +778,6 @@ def normalize(
                 num_warps=NUM_WARPS,
                 enable_fp_fusion=False,
             )
-        _calls["normalize"] += 1
     return y if clipped is None else (y, clipped)
 
 
@@ -825,5 +822,4 @@ def discounted_returns(
                 num_warps=NUM_WARPS,
                 enable_fp_fusion=False,
             )
-        _calls["discounted_returns"] += 1
     return trajectory, new_returns
