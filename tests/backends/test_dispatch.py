@@ -10,7 +10,7 @@ import torch
 
 from rlnorm.algebra import moments, returns
 from rlnorm.algebra.state import State, initial_state
-from rlnorm.backends import native
+from rlnorm.backends import fused, native
 from rlnorm.backends.dispatch import (
     Dispatcher,
     Settings,
@@ -158,3 +158,40 @@ def test_shifted_sums_and_returns_pick_the_kernel_only_where_eligible(on: bool):
     want_trajectory, want_final = returns.discounted_returns(rewards, dones, start, 0.9)
     assert torch.equal(trajectory, want_trajectory)
     assert torch.equal(final, want_final)
+
+
+@needs_kernels
+def test_normalize_cached_serves_repeats_and_steps_aside_whenever_normalize_would_not() -> None:
+    state = initial_state((3,), prior_weight=0.0)
+    door = Dispatcher("test")
+    x = batches()[1]
+    assert door.normalize_cached(state, x, EXACT) is None  # no map cached yet
+    door.update(state, x, None, EXACT, x.shape)
+    full, full_clipped = door.normalize(state, x, EXACT, return_clipped=True)
+    cached = door.normalize_cached(state, x, EXACT)
+    assert cached is not None
+    assert torch.equal(cached[0], full)
+    assert cached[1] == full_clipped
+    assert door.normalize_cached(state, x[:, :2].contiguous(), EXACT) is None  # wrong features
+    assert door.normalize_cached(state, x.double(), EXACT) is None  # another dtype
+    assert door.normalize_cached(state, x.T.contiguous().T, EXACT) is None  # not contiguous
+    assert door.normalize_cached(state, x.numpy(), EXACT) is None  # not a tensor
+    assert door.normalize_cached(state, x, EXACT._replace(clip=1.0)) is None  # other settings
+    with torch.enable_grad():
+        assert door.normalize_cached(state, x.requires_grad_(), EXACT) is None
+    x = x.detach()
+    with native.native_kernels(False):
+        assert door.normalize_cached(state, x, EXACT) is None
+    with fused.interpret_on_cpu():
+        if fused.available():
+            assert door.normalize_cached(state, x, EXACT) is None  # the fused kernels serve
+    replaced = State(*(t.clone() for t in state))  # e.g. `load_state_dict(assign=True)`
+    assert door.normalize_cached(replaced, x, EXACT) is None
+    assert door.normalize_cached(state, x, EXACT) is not None
+    door.update(state, x * 5, None, EXACT, x.shape)  # new statistics: the map is stale
+    assert door.normalize_cached(state, x, EXACT) is None
+    state.mean.add_(1.0)  # any in-place write bumps the version too
+    door.normalize(state, x, EXACT)
+    refreshed = door.normalize_cached(state, x, EXACT)
+    assert refreshed is not None
+    assert torch.equal(refreshed[0], door.normalize(state, x, EXACT))

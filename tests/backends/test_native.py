@@ -26,7 +26,10 @@ from hypothesis import strategies as st
 from conftest import assert_close, reference_moments, state_of
 from rlnorm import RunningMeanStd
 from rlnorm.algebra import moments
+from rlnorm.algebra.affine import affine
+from rlnorm.algebra.drift import batch_shift
 from rlnorm.algebra.moments import Moments
+from rlnorm.algebra.state import as_moments
 from rlnorm.backends import native as _native
 from rlnorm.backends.dispatch import shifted_sums
 
@@ -627,3 +630,74 @@ def test_copies_and_pickles_drop_caches_that_hold_buffer_addresses() -> None:
         assert torch.equal(copy_.normalize(x), rms.normalize(x))
         copy_.update(torch.randn(10, 3) + 5)  # writes the copy's buffers, not the original's
         assert not torch.equal(copy_.mean, rms.mean)
+
+
+def _state_with(
+    features: int, weight: float, gen: torch.Generator, scale: float = 1.0
+) -> tuple[RunningMeanStd, Moments]:
+    rms = RunningMeanStd(features)
+    state = rms.state
+    state.weight_sum.fill_(weight)
+    state.mean.copy_(torch.randn(features, generator=gen, dtype=F64) * scale)
+    state.var.copy_(torch.rand(features, generator=gen, dtype=F64) * scale)
+    state.mean_residual.copy_(torch.randn(features, generator=gen, dtype=F64) * 1e-12)
+    return rms, moments.Moments(*[getattr(rms, f) for f in ("weight_sum", "count", "mean", "var")])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip", [None, 10.0, 0.1])
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("weight", [0.0, 3.0])
+def test_native_affine_map_is_bitwise_the_torch_map(dtype, clip, center, weight) -> None:
+    gen = torch.Generator().manual_seed(4)
+    for features, scale in ((1, 1.0), (7, 1e6), (64, 1e-9)):
+        rms, _ = _state_with(features, weight, gen, scale)
+        rms.var[0] = 0.0  # epsilon alone under the square root
+        for epsilon in (0.0, 1e-8):
+            before = kernel_calls("affine")
+            made = _native.try_affine(rms.state, clip, epsilon, center, dtype)
+            assert made is not None
+            assert kernel_calls("affine") == before + 1
+            native_map, args = made
+            torch_map = affine(as_moments(rms.state), clip, epsilon, center, dtype)
+            for name, got, want in zip(torch_map._fields, native_map, torch_map, strict=True):
+                assert got.dtype == dtype, name
+                assert got.shape == want.shape, name
+                assert torch.equal(got, want), (name, features, epsilon)
+            assert args == _native.affine_args(native_map)
+
+
+def test_float64_clip_bound_is_the_clip_exactly_not_its_float32_rounding() -> None:
+    rms = RunningMeanStd(2, clip=0.1)
+    rms.update(torch.tensor([[0.0, 0.0], [100.0, -100.0]], dtype=F64))
+    for on in (True, False):
+        with _native.native_kernels(on):
+            rms._dispatch.clear()
+            y = rms.normalize(torch.tensor([[1e6, -1e6]], dtype=F64))
+        assert y.tolist() == [[0.1, -0.1]], on
+
+
+@needs_kernels
+def test_native_batch_shift_follows_the_drift_formula_with_nan_and_empty_batches() -> None:
+    gen = torch.Generator().manual_seed(5)
+    cases = []
+    for features in (1, 5, 40):
+        _, running = _state_with(features, 2.0, gen)
+        batch = running._replace(mean=torch.randn(features, generator=gen, dtype=F64))
+        cases.append((batch, running))
+    running_zero_var = running._replace(var=torch.zeros_like(running.var))  # std clamped at 1e-12
+    cases.append((batch, running_zero_var))
+    nan_batch = batch._replace(mean=batch.mean.clone().index_fill_(0, torch.tensor([3]), math.nan))
+    cases.append((nan_batch, running))
+    empty = batch._replace(weight=torch.zeros((), dtype=F64))
+    cases.append((empty, running))
+    for b, r in cases:
+        got, want = _native.try_batch_shift(b, r), float(batch_shift(b, r))
+        assert isinstance(got, float)
+        if math.isnan(want):
+            assert math.isnan(got)
+        else:  # sqrt rounded exactly here, by torch to within half an ulp
+            assert got == pytest.approx(want, rel=4 * EPS, abs=0.0)
+    assert _native.try_batch_shift(empty, running) == 0.0
+    assert _native.try_batch_shift(b, r._replace(mean=r.mean.float())) is None  # not float64

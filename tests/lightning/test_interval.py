@@ -17,9 +17,9 @@ def test_interval_metrics_aggregate_max_shift_and_weighted_clip_fraction() -> No
     metrics = IntervalMetrics(torch.device("cpu"))
     for value in (0.5, 2.0, 1.0):
         metrics.update_shift(torch.tensor(value, dtype=F64))
-    metrics.update_clipped(torch.tensor([[10.0, 0.0], [-10.0, 3.0]]), clip=10.0)  # 2 of 4
-    metrics.update_clipped(torch.tensor([0.0, 9.99]), clip=10.0)  # 0 of 2
-    metrics.update_clipped(torch.empty(0, 2), clip=10.0)  # nothing
+    metrics.add_clipped(torch.tensor(2), 4)  # a 0-d count (CUDA, torch code)
+    metrics.add_clipped(0, 2)  # an int (the native CPU kernel)
+    metrics.add_clipped(torch.tensor(0), 0)  # nothing
     out = metrics.compute_and_reset()
     assert set(out) == {"batch_shift", "clip_fraction"}
     assert float(out["batch_shift"]) == 2.0
@@ -34,7 +34,7 @@ def test_interval_metrics_are_nan_when_the_interval_is_empty_and_reset_after_com
     assert math.isnan(float(out["batch_shift"]))
     assert math.isnan(float(out["clip_fraction"]))
     metrics.update_shift(torch.tensor(3.0))
-    metrics.update_clipped(torch.tensor([5.0]), clip=1.0)
+    metrics.add_clipped(1, 1)
     first = metrics.compute_and_reset()
     assert (float(first["batch_shift"]), float(first["clip_fraction"])) == (3.0, 1.0)
     with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def test_interval_metrics_build_no_torchmetrics_objects_until_the_first_compute(
     metrics = IntervalMetrics(torch.device("cpu"))
     metrics.update_shift(torch.tensor(0.5, dtype=F64))
     metrics.add_clipped(1, 4)
-    metrics.update_clipped(torch.tensor([10.0, 0.0]), clip=10.0)
+    metrics.add_clipped(torch.tensor(1), 2)
     metrics.partials()
     assert built == []
     first = metrics.compute()
@@ -101,3 +101,19 @@ def test_interval_metrics_build_no_torchmetrics_objects_until_the_first_compute(
     assert float(first["batch_shift"]) == 0.5
     assert float(first["clip_fraction"]) == pytest.approx(2 / 6)
     assert float(second["clip_fraction"]) == 0.75
+
+
+def test_host_shifts_of_the_native_path_and_tensor_shifts_share_one_max_ignoring_nan() -> None:
+    metrics = IntervalMetrics(torch.device("cpu"))
+    metrics.update_shift(0.75)  # a float: the native CPU kernel
+    metrics.update_shift(math.nan)
+    metrics.update_shift(torch.tensor(0.5, dtype=F64))
+    assert metrics.partials().tolist() == [0.75, 0.0, 0.0]
+    metrics.update_shift(torch.tensor(2.0, dtype=F64))
+    assert float(metrics.compute(reset=False)["batch_shift"]) == 2.0
+    resumed = IntervalMetrics(torch.device("cpu"))
+    resumed.update_shift(9.0)  # replaced by what is loaded
+    resumed.load_partials(metrics.partials())
+    assert resumed.partials().tolist() == metrics.partials().tolist()
+    assert float(metrics.compute_and_reset()["batch_shift"]) == 2.0
+    assert math.isnan(float(metrics.compute()["batch_shift"]))  # the host max reset too

@@ -54,7 +54,8 @@ def feed(telemetry: DriftTelemetry, seed: int, shift: float = 0.0) -> None:
     if norms.reward is not None:
         rewards, dones = torch.randn(4, generator=gen), torch.zeros(4, dtype=torch.bool)
         telemetry.record_reward_update(norms.update_rewards(rewards, dones))
-        telemetry.record_reward_clipped(norms.scale_rewards(rewards), clip=0.5)
+        scaled, clipped = norms.scale_rewards(rewards, return_clipped=True)
+        telemetry.record_reward_clipped(clipped, scaled.numel())
 
 
 def test_log_writes_the_figures_of_the_algebra_at_the_given_step_to_fabric_loggers() -> None:
@@ -216,3 +217,27 @@ def test_histograms_and_heatmaps_go_to_tensorboard_unless_turned_off(tmp_path: P
         assert ("t/obs/mean_hist" in tags["histograms"]) is histograms
         assert ("t/obs/drift_heatmap" in tags["images"]) is histograms
         assert "t/obs/count" in tags["scalars"]
+
+
+def test_tensor_obs_counts_go_to_the_open_interval_after_moves_and_loads() -> None:
+    telemetry = telemetry_of(clip=1.0)
+    norms = telemetry.normalizers
+    norms.update_obs(torch.randn(16, 3))
+    x = torch.full((2, 3), 1e3)  # every value clipped
+
+    def record_step() -> None:  # what the per-step rollout call records
+        normalizer, interval = telemetry.tensor_obs()
+        assert normalizer is norms.obs["obs"]
+        out, clipped = normalizer.normalize(x, return_clipped=True)
+        interval.add_clipped(clipped, out.numel())
+
+    record_step()
+    saved = telemetry.state_dict()
+    telemetry.normalizers.to("cpu")
+    telemetry.normalizers_moved()  # the interval's metrics are rebuilt
+    record_step()
+    assert telemetry.state_dict()["telemetry"]["interval"]["obs"][1:].tolist() == [12.0, 12.0]
+    telemetry.load_state_dict(saved)  # and again
+    record_step()
+    assert telemetry.state_dict()["telemetry"]["interval"]["obs"][1:].tolist() == [12.0, 12.0]
+    assert telemetry.log([], step=0)["t/obs/clip_fraction"] == 1.0

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_close, assert_state_equal, reference_returns, state_of
 from rlnorm import RewardNormalizer
+from rlnorm.backends import native
 
 # Every test runs on the native CPU kernels and on the torch code path.
 pytestmark = pytest.mark.usefixtures("backend")
@@ -373,3 +374,15 @@ def test_numpy_rewards_and_dones_work_like_tensors() -> None:
     assert torch.equal(scaled, from_tensor.normalize(torch.tensor([1.0, 2.0], dtype=torch.float64)))
     from_numpy.reset_returns(np.array([True, False]))
     assert from_numpy.returns[0] == 0.0
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_normalize_counts_the_rewards_it_clipped_on_either_path(native_on: bool) -> None:
+    norm = RewardNormalizer(num_envs=4, gamma=0.9, clip=1.0)
+    rewards = torch.tensor([[1.0, 0.0, 5.0, -9.0], [0.5, 0.1, -0.2, 40.0]])
+    norm.update(rewards, torch.zeros_like(rewards, dtype=torch.bool))
+    with native.native_kernels(native_on):
+        scaled, clipped = norm.normalize(rewards, return_clipped=True)
+    assert torch.equal(scaled, norm.normalize(rewards))
+    assert int(clipped) == int((scaled.abs() >= 1.0).sum()) > 0
+    assert isinstance(clipped, int) == (native_on and native.available())

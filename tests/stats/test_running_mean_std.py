@@ -1321,3 +1321,20 @@ def test_replacing_a_buffer_is_seen_by_the_next_call() -> None:
     rms.mean_residual = torch.zeros(3, dtype=torch.float64)
     assert rms.state.mean is rms.mean
     assert torch.equal(rms.normalize(torch.full((1, 3), 7.0)), torch.zeros(1, 3))
+
+
+def test_repeated_normalize_calls_keep_checking_their_input_and_following_the_statistics() -> None:
+    rms = RunningMeanStd(3)
+    rms.update(randn(0, 100, 3) * 4 + 2)
+    x = randn(1, 8, 3).float()
+    first = rms.normalize(x)
+    assert torch.equal(rms.normalize(x), first)  # the per-step call, served from the cache
+    with pytest.raises(ValueError, match=r"`x` must have shape \(\*batch, \*\(3,\)\)"):
+        rms.normalize(randn(1, 8, 2).float())
+    with pytest.raises(TypeError, match="`x`"):
+        rms.normalize("not numbers")  # type: ignore[call-overload]
+    assert torch.equal(rms.normalize(x.numpy()), first)  # NumPy arrays still convert
+    rms.clip = 0.5
+    assert float(rms.normalize(x).abs().max()) == 0.5  # a setting change applies at once
+    rms.load_state_dict(RunningMeanStd(3).state_dict())  # back to no data: the identity
+    assert torch.equal(rms.normalize(x), x)

@@ -81,7 +81,9 @@ def affine(
         offset_lo = ((mean - offset.to(torch.float64)) + lost).to(dtype)
     else:
         offset = offset_lo = torch.zeros_like(m.mean, dtype=dtype)
-    bound = math.inf if clip is None else clip
+    # The bound as a float64 tensor: `torch.where` with two Python numbers would round it
+    # through the default dtype (float32).
+    bound = torch.full_like(m.weight, math.inf if clip is None else clip)
     high = torch.where(seen, bound, math.inf).to(dtype=dtype, device=m.mean.device)
     # Bounds of the feature shape: clamp with 0-d tensor bounds is ~10x slower on the CPU.
     high = high.expand(m.mean.shape).contiguous()

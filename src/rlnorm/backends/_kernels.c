@@ -638,6 +638,69 @@ static PyObject *k_normalize(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)base.at_bound);
 }
 
+/* affine(mean, var, mean_residual, weight, d, bound, epsilon, center, is_f64, out) -> high: the
+ * map of rlnorm.algebra.affine.affine, operation for operation, into out (rows offset,
+ * offset_lo, scale, low, high of d values each, in float64 or float32); returns the value of
+ * high, as a float64. Without weight (nothing seen) the map is the identity with infinite
+ * bounds; bound is the clip, or inf for none. The inverse square root is
+ * 1 / sqrt(var + epsilon), each step rounded (torch.rsqrt is that on short vectors; on long
+ * ones it may differ from it by an ulp). */
+static PyObject *k_affine(PyObject *self, PyObject *args) {
+    unsigned long long pm, pv, pr, pw, pout;
+    long long d;
+    double bound, epsilon;
+    int center, is_f64;
+    if (!PyArg_ParseTuple(args, "KKKKLddppK", &pm, &pv, &pr, &pw, &d, &bound, &epsilon, &center,
+                          &is_f64, &pout))
+        return NULL;
+    const double *mean = (const double *)(uintptr_t)pm, *var = (const double *)(uintptr_t)pv;
+    const double *res = (const double *)(uintptr_t)pr;
+    const int seen = *(const double *)(uintptr_t)pw > 0;
+    const double high = seen ? bound : INFINITY;
+    for (int64_t j = 0; j < d; j++) {
+        const double scale = seen ? 1.0 / sqrt(var[j] + epsilon) : 1.0;
+        const double m = seen ? mean[j] : 0.0, lost = seen ? res[j] : 0.0;
+        if (is_f64) {
+            double *out = (double *)(uintptr_t)pout;
+            out[j] = center ? m : 0.0;
+            out[d + j] = center ? (m - out[j]) + lost : 0.0;
+            out[2 * d + j] = scale;
+            out[3 * d + j] = -high;
+            out[4 * d + j] = high;
+        } else {
+            float *out = (float *)(uintptr_t)pout;
+            const float offset = (float)m;
+            out[j] = center ? offset : 0.0f;
+            out[d + j] = center ? (float)((m - (double)offset) + lost) : 0.0f;
+            out[2 * d + j] = (float)scale;
+            out[3 * d + j] = -(float)high;
+            out[4 * d + j] = (float)high;
+        }
+    }
+    return PyFloat_FromDouble(is_f64 ? high : (double)(float)high);
+}
+
+/* batch_shift(batch_mean, mean, var, d, batch_weight) -> shift: rlnorm.algebra.drift.batch_shift,
+ * max over the d features of |batch_mean - mean| / max(sqrt(var), 1e-12); NaN if any term is
+ * NaN (as torch's max), 0 for a batch without weight. Pointers to float64 values. */
+static PyObject *k_batch_shift(PyObject *self, PyObject *args) {
+    unsigned long long pbm, pm, pv, pw;
+    long long d;
+    if (!PyArg_ParseTuple(args, "KKKLK", &pbm, &pm, &pv, &d, &pw)) return NULL;
+    const double *bm = (const double *)(uintptr_t)pbm, *m = (const double *)(uintptr_t)pm;
+    const double *var = (const double *)(uintptr_t)pv;
+    if (!(*(const double *)(uintptr_t)pw > 0)) return PyFloat_FromDouble(0.0);
+    double shift = -INFINITY;
+    for (int64_t j = 0; j < d; j++) {
+        double std = sqrt(var[j]);
+        std = std < 1e-12 ? 1e-12 : std; /* clamp_min: NaN stays NaN */
+        const double v = fabs(bm[j] - m[j]) / std;
+        if (isnan(v)) return PyFloat_FromDouble(NAN);
+        if (v > shift) shift = v;
+    }
+    return PyFloat_FromDouble(shift);
+}
+
 /* ------------------------------------------------------------------------ returns */
 
 /* discounted_returns(rewards, dones, returns, trajectory, steps, envs, gamma):
@@ -694,6 +757,8 @@ static PyMethodDef methods[] = {
     {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see backends/native.py)."},
     {"shifted_sums", k_shifted_sums, METH_VARARGS, "Fused shifted sums (see backends/native.py)."},
     {"normalize", k_normalize, METH_VARARGS, "Fused normalize (see backends/native.py)."},
+    {"affine", k_affine, METH_VARARGS, "Normalize's affine map (see backends/native.py)."},
+    {"batch_shift", k_batch_shift, METH_VARARGS, "A batch's drift (see backends/native.py)."},
     {NULL, NULL, 0, NULL},
 };
 

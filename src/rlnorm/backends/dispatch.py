@@ -45,13 +45,22 @@ from torch import Tensor
 
 from rlnorm import _validation as check
 from rlnorm.algebra import affine as _affine
+from rlnorm.algebra import drift as _drift
 from rlnorm.algebra import moments as _moments
 from rlnorm.algebra import returns as _returns
 from rlnorm.algebra.moments import Moments, ShiftedSums, batch_moments, batch_shift, residual
 from rlnorm.algebra.state import State, as_moments, from_moments
 from rlnorm.backends import cuda_graphs, fused, native
 
-__all__ = ["Dispatcher", "Reducer", "Settings", "discounted_returns", "shifted_sums", "store"]
+__all__ = [
+    "Dispatcher",
+    "Reducer",
+    "Settings",
+    "discounted_returns",
+    "drift_batch_shift",
+    "shifted_sums",
+    "store",
+]
 
 
 class Settings(NamedTuple):
@@ -133,6 +142,26 @@ def discounted_returns(
     return _returns.discounted_returns(rewards, dones, returns, gamma) if out is None else out
 
 
+def drift_batch_shift(batch: Moments, running: Moments) -> Tensor | float:
+    """:func:`~rlnorm.algebra.drift.batch_shift` by the native kernel where eligible.
+
+    Returns:
+        The shift: a float from the native kernel (CPU statistics), a 0-d tensor otherwise.
+
+    Example:
+        >>> import torch
+        >>> from rlnorm.algebra.moments import Moments
+        >>> f64 = torch.float64
+        >>> one = torch.ones(1, dtype=f64)
+        >>> running = Moments(one[0], torch.tensor(1), 0 * one, 4 * one)  # mean 0, std 2
+        >>> batch = running._replace(mean=one)
+        >>> float(drift_batch_shift(batch, running))  # half a std of 2 away
+        0.5
+    """
+    shift = native.try_batch_shift(batch, running)
+    return _drift.batch_shift(batch, running) if shift is None else shift
+
+
 def store(state: State, new: State) -> None:
     """Write ``new`` into the buffers of ``state``, in place (graphs keep their addresses).
 
@@ -200,22 +229,27 @@ def _merge_torch(state: State, sums: ShiftedSums, s: Settings) -> Moments:
     )
 
 
-def _affine_key(state: State, s: Settings, dtype: torch.dtype) -> tuple | None:
-    """What a cached affine map depends on; ``None`` when it cannot be told (no caching)."""
-    mean, var, weight = state.mean, state.var, state.weight_sum
+class _CachedAffine(NamedTuple):
+    """Normalize's map on the CPU for one state, settings and dtype, and the kernel's arguments.
+
+    It holds while the buffers are the same objects (``state``) at the same versions: every
+    in-place write (an update, ``load_state_dict``, ``fill_``) bumps a tensor's version counter.
+    """
+
+    state: State
+    settings: Settings
+    dtype: torch.dtype
+    versions: tuple[int, int, int] | None
+    affine: _affine.Affine
+    args: tuple[int, int, int, float, int]
+    feature_shape: torch.Size
+    feature_dims: int
+
+
+def _versions(state: State) -> tuple[int, int, int] | None:
+    """The version counters normalize's map depends on; ``None`` when they cannot be read."""
     try:
-        return (
-            dtype,
-            s.clip,
-            s.epsilon,
-            s.center,
-            id(mean),
-            mean._version,
-            id(var),
-            var._version,
-            id(weight),
-            weight._version,
-        )
+        return (state.mean._version, state.var._version, state.weight_sum._version)
     except RuntimeError:
         # Inference tensors (buffers a user replaced inside inference mode) keep no version
         # counter, so a cache could not see their updates: recompute every call.
@@ -251,8 +285,7 @@ class Dispatcher:
         self.update_graphs = cuda_graphs.GraphedCalls(f"{name}.update")
         self.normalize_graphs = cuda_graphs.GraphedCalls(f"{name}.normalize")
         self.workspace = fused.Workspace()
-        self._affine_cache: tuple[tuple, _affine.Affine, tuple[int, int, int, float, int]] | None
-        self._affine_cache = None
+        self._affine_cache: _CachedAffine | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles keep the name only: the caches hold the original's addresses."""
@@ -400,6 +433,41 @@ class Dispatcher:
             )
         return fused.moments_of(packed, state.mean.shape)
 
+    def normalize_cached(self, state: State, x: Any, s: Settings) -> tuple[Tensor, int] | None:
+        """:meth:`normalize` by the native kernel and the cached map, in the fewest steps.
+
+        The per-step call of a CPU rollout, where the kernel takes a microsecond or two and
+        each Python call around it about as much. It applies when :meth:`normalize` would take
+        the native kernel, ``x`` ends in the state's feature shape, and the map cached by an
+        earlier call still holds (the same buffers at the same versions, the same settings and
+        dtype); otherwise it returns ``None``, and the caller checks ``x`` and calls
+        :meth:`normalize`.
+
+        Args:
+            state: the buffers.
+            x: what to normalize; only a tensor can take this path.
+            s: the settings.
+
+        Returns:
+            The normalized tensor and how many of its values sit at the clamp bound, or
+            ``None``.
+        """
+        cache = self._affine_cache
+        if (
+            cache is None
+            or cache.state is not state
+            or cache.settings is not s
+            or type(x) is not Tensor
+            or x.dtype is not cache.dtype
+            or x.shape[x.dim() - cache.feature_dims :] != cache.feature_shape
+            or not native.eligible(x)  # before the versions: false while torch.compile traces
+            or fused.eligible(x)
+            or cache.versions
+            != (state.mean._version, state.var._version, state.weight_sum._version)
+        ):
+            return None
+        return native.normalize(x, cache.args)
+
     def normalize(
         self, state: State, x: Tensor, s: Settings, return_clipped: bool = False
     ) -> Tensor | tuple[Tensor, int | Tensor]:
@@ -431,10 +499,9 @@ class Dispatcher:
             except fused.KernelError as error:  # the paths below serve instead
                 fused.fall_back(error)
         if native.eligible(x) and state.mean.is_cpu:
-            # `a` holds the tensors whose addresses `args` are: alive until the kernel returns.
-            a, args = self._cached_affine(state, s, x.dtype)
-            out, at_bound = native.normalize(x, args)
-            del a
+            # `cache` holds the tensors whose addresses `args` are: alive until the kernel returns.
+            cache = self._cached_affine(state, s, x.dtype)
+            out, at_bound = native.normalize(x, cache.args)
             return (out, at_bound) if return_clipped else out
         if cuda_graphs.eligible(x):
             return self.normalize_graphs(
@@ -488,25 +555,33 @@ class Dispatcher:
         """
         if torch.compiler.is_compiling() or state.mean.device.type != "cpu":
             return _affine.affine(as_moments(state), s.clip, s.epsilon, s.center, dtype)
-        return self._cached_affine(state, s, dtype)[0]
+        return self._cached_affine(state, s, dtype).affine
 
-    def _cached_affine(
-        self, state: State, s: Settings, dtype: torch.dtype
-    ) -> tuple[_affine.Affine, tuple[int, int, int, float, int]]:
+    def _cached_affine(self, state: State, s: Settings, dtype: torch.dtype) -> _CachedAffine:
         """CPU only, cached: the map in ``dtype`` and the native normalize kernel's arguments.
 
         The cached tensors are made outside inference mode, so one cache serves calls under
         ``torch.inference_mode()`` and calls whose output feeds a backward pass alike.
         """
         cache = self._affine_cache
-        key = _affine_key(state, s, dtype)
-        if cache is not None and cache[0] == key:
-            return cache[1], cache[2]
+        if (
+            cache is not None
+            and cache.state is state
+            and cache.dtype is dtype
+            and cache.settings is s  # a normalizer's settings change by replacement
+            and cache.versions == _versions(state)
+        ):
+            return cache
         with self.lock:  # a consistent state: no update is halfway through writing it
-            key = _affine_key(state, s, dtype)
+            versions = _versions(state)
             with torch.inference_mode(False):
-                a = _affine.affine(as_moments(state), s.clip, s.epsilon, s.center, dtype)
-            args = native.affine_args(a)
-            if key is not None:
-                self._affine_cache = (key, a, args)
-        return a, args
+                made = native.try_affine(state, s.clip, s.epsilon, s.center, dtype)
+                if made is None:
+                    a = _affine.affine(as_moments(state), s.clip, s.epsilon, s.center, dtype)
+                    made = a, native.affine_args(a)
+            a, args = made
+            shape = state.mean.shape
+            cache = _CachedAffine(state, s, dtype, versions, a, args, shape, len(shape))
+            if versions is not None:
+                self._affine_cache = cache
+        return cache

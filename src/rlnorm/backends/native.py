@@ -53,6 +53,8 @@ __all__ = [
     "native_kernels",
     "normalize",
     "scratch_peak",
+    "try_affine",
+    "try_batch_shift",
     "try_discounted_returns",
     "try_shifted_sums",
     "try_update",
@@ -63,7 +65,14 @@ _enabled = _kernels is not None and os.environ.get("RLNORM_NATIVE", "1") != "0"
 
 #: Calls each kernel served in this process, counted after the kernel returned: which path ran
 #: is observable (tests) without patching anything.
-_calls = {"update": 0, "shifted_sums": 0, "normalize": 0, "discounted_returns": 0}
+_calls = {
+    "update": 0,
+    "shifted_sums": 0,
+    "normalize": 0,
+    "discounted_returns": 0,
+    "affine": 0,
+    "batch_shift": 0,
+}
 
 
 def available() -> bool:
@@ -80,8 +89,9 @@ def calls() -> dict[str, int]:
     """How many calls each native kernel served in this process so far.
 
     Returns:
-        A copy of the counts, keyed ``"update"``, ``"shifted_sums"``, ``"normalize"`` and
-        ``"discounted_returns"``; all stay 0 while the torch code path serves.
+        A copy of the counts, keyed ``"update"``, ``"shifted_sums"``, ``"normalize"``,
+        ``"discounted_returns"``, ``"affine"`` and ``"batch_shift"``; all stay 0 while the torch
+        code path serves.
     """
     return dict(_calls)
 
@@ -117,6 +127,16 @@ def native_kernels(on: bool) -> Iterator[None]:
         _enabled = previous
 
 
+# Bound once: `eligible` runs before every per-step normalize, where each Python call and
+# attribute lookup costs about a microsecond (the caches are cold after an environment step).
+# `torch.jit.is_tracing` is `_is_tracing` behind a Python frame; `is_compiling` stays a call,
+# which torch.compile folds to True while tracing.
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_grad_enabled = torch.is_grad_enabled
+
+
 def eligible(x: Tensor) -> bool:
     """Whether a batch can take the native path (static facts only, no data read)."""
     return (
@@ -125,10 +145,10 @@ def eligible(x: Tensor) -> bool:
         and x.is_cpu
         and x.dtype in _FLOATS
         and x.is_contiguous()
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not (x.requires_grad and _grad_enabled())
+        and not _is_compiling()
+        and not _is_tracing()
+        and not _is_functorch_wrapped(x)
     )
 
 
@@ -296,7 +316,7 @@ def try_update(
 
 
 def _is_cpu_f64(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float64
+    return t.is_cpu and t.dtype is torch.float64
 
 
 def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSums | None:
@@ -336,6 +356,85 @@ def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> Shifte
         torch.tensor(nonfinite, dtype=torch.int64),
         shift,
     )
+
+
+def try_affine(
+    state: State, clip: float | None, epsilon: float, center: bool, dtype: torch.dtype
+) -> tuple[Affine, tuple[int, int, int, float, int]] | None:
+    """:func:`~rlnorm.algebra.affine.affine` of CPU statistics in one call, or ``None``.
+
+    The map is recomputed after every update (a dozen small torch operations); here it is one
+    kernel writing one tensor. Eligible are float32 and float64 maps of contiguous float64 CPU
+    buffers, outside ``torch.compile``. The inverse square root is ``1 / sqrt(var + epsilon)``,
+    each step rounded: what ``torch.rsqrt`` computes on short vectors (on long ones it can
+    differ from it by an ulp).
+
+    Returns:
+        The :class:`~rlnorm.algebra.affine.Affine` in ``dtype`` (its tensors of the feature
+        shape, rows of one new tensor) and the normalize kernel's arguments for it (as
+        :func:`affine_args`), or ``None`` when ineligible.
+    """
+    mean, var, residual, weight = state.mean, state.var, state.mean_residual, state.weight_sum
+    if not (
+        _enabled
+        and dtype in _FLOATS
+        and not _is_compiling()
+        and _is_cpu_f64(mean)
+        and _is_cpu_f64(var)
+        and _is_cpu_f64(residual)
+        and _is_cpu_f64(weight)
+        and mean.is_contiguous()
+        and var.is_contiguous()
+        and residual.is_contiguous()
+        and mean.shape == var.shape == residual.shape
+    ):
+        return None
+    d = mean.numel()
+    out = torch.empty((5, d), dtype=dtype)
+    bound = _kernels.affine(  # type: ignore[union-attr]
+        mean.data_ptr(),
+        var.data_ptr(),
+        residual.data_ptr(),
+        weight.data_ptr(),
+        d,
+        math.inf if clip is None else clip,
+        epsilon,
+        center,
+        dtype is torch.float64,
+        out.data_ptr(),
+    )
+    _calls["affine"] += 1
+    offset, offset_lo, scale, low, high = out.view(5, *mean.shape).unbind()
+    args = (offset.data_ptr(), offset_lo.data_ptr(), scale.data_ptr(), bound, d)
+    return Affine(offset, offset_lo, scale, low, high), args
+
+
+def try_batch_shift(batch: Moments, running: Moments) -> float | None:
+    """:func:`~rlnorm.algebra.drift.batch_shift` of CPU moments as a number, or ``None``.
+
+    One call where torch takes eight operations; for the telemetry of every update. Eligible
+    are contiguous float64 CPU moments of one shape, outside ``torch.compile``.
+    """
+    bm, mean, var, weight = batch.mean, running.mean, running.var, batch.weight
+    if not (
+        _enabled
+        and not _is_compiling()
+        and _is_cpu_f64(bm)
+        and _is_cpu_f64(mean)
+        and _is_cpu_f64(var)
+        and _is_cpu_f64(weight)
+        and bm.is_contiguous()
+        and mean.is_contiguous()
+        and var.is_contiguous()
+        and bm.shape == mean.shape == var.shape
+        and weight.numel() == 1
+    ):
+        return None
+    shift = _kernels.batch_shift(  # type: ignore[union-attr]
+        bm.data_ptr(), mean.data_ptr(), var.data_ptr(), mean.numel(), weight.data_ptr()
+    )
+    _calls["batch_shift"] += 1
+    return shift
 
 
 def affine_args(a: Affine) -> tuple[int, int, int, float, int]:

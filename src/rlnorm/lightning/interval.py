@@ -71,20 +71,27 @@ class IntervalMetrics:
     def _reset_partials(self) -> None:
         f64 = {"dtype": torch.float64, "device": self.device}
         self._shift_max = torch.full((), -math.inf, **f64)
+        # Shifts arrive as host floats (native CPU path) or device tensors (elsewhere), too.
+        self._shift_max_host = -math.inf
         # Clipped counts arrive as host ints (native CPU path) or device tensors (elsewhere).
         self._clipped = torch.zeros((), **f64)
         self._clipped_host = 0
         self._values = 0
 
-    def update_shift(self, value: Tensor) -> None:
-        """Record one update's batch shift."""
-        self._shift_max = torch.fmax(
-            self._shift_max, value.detach().to(torch.float64)
-        )  # NaN-ignoring
+    def update_shift(self, value: Tensor | float) -> None:
+        """Record one update's batch shift (NaN is ignored)."""
+        if isinstance(value, Tensor):
+            self._shift_max = torch.fmax(self._shift_max, value.detach().to(torch.float64))
+        elif value > self._shift_max_host:  # false for NaN
+            self._shift_max_host = value
 
-    def update_clipped(self, normalized: Tensor, clip: float) -> None:
-        """Record which values of one ``normalize`` output sit at the clamp bound."""
-        self.add_clipped((normalized.detach().abs() >= clip).sum(), normalized.numel())
+    def _shift(self) -> Tensor:
+        """The interval's largest batch shift, host and device ones together (``-inf``: none)."""
+        host = self._shift_max_host
+        if host == -math.inf:
+            return self._shift_max
+        host_max = torch.tensor(host, dtype=torch.float64, device=self.device)
+        return torch.fmax(self._shift_max, host_max)
 
     def add_clipped(self, clipped: int | Tensor, values: int) -> None:
         """Record that ``clipped`` of ``values`` normalized values sat at the clamp bound."""
@@ -101,7 +108,7 @@ class IntervalMetrics:
         """
         return torch.stack(
             [
-                self._shift_max,
+                self._shift(),
                 self._clipped + self._clipped_host,
                 torch.tensor(float(self._values), dtype=torch.float64, device=self.device),
             ]
@@ -113,6 +120,7 @@ class IntervalMetrics:
             raise ValueError(f"Interval partials must be a tensor of shape (3,), got {partials!r}.")
         values = partials.detach().to(self.device, torch.float64)
         self._shift_max = values[0].clone()
+        self._shift_max_host = -math.inf
         self._clipped = values[1].clone()
         self._clipped_host = 0
         self._values = int(values[2])
@@ -143,7 +151,8 @@ class IntervalMetrics:
         """
         shift_metric, clipped_metric, values_metric = metrics = self._metrics()
         nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        shift_metric.update(torch.where(torch.isinf(self._shift_max), nan, self._shift_max))
+        shift = self._shift()
+        shift_metric.update(torch.where(torch.isinf(shift), nan, shift))
         clipped_metric.update(self._clipped + self._clipped_host)
         values_metric.update(
             torch.tensor(float(self._values), dtype=torch.float64, device=self.device)

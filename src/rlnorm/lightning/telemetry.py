@@ -23,11 +23,13 @@ from lightning.fabric.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
 from rlnorm import _validation as check
-from rlnorm.algebra.drift import batch_shift, drift, per_dim_drift, summary
+from rlnorm.algebra.drift import drift, per_dim_drift, summary
 from rlnorm.algebra.moments import Moments
+from rlnorm.backends.dispatch import drift_batch_shift
 from rlnorm.lightning.heatmap import DriftHeatmap
 from rlnorm.lightning.interval import IntervalMetrics
-from rlnorm.stats.normalizers import Normalizers
+from rlnorm.stats.normalizers import TENSOR_KEY, Normalizers
+from rlnorm.stats.running_mean_std import RunningMeanStd
 
 __all__ = ["DriftHeatmap", "DriftTelemetry", "IntervalMetrics", "check_name", "tensorboard_writers"]
 
@@ -117,6 +119,8 @@ class DriftTelemetry:
         self._last_logged_step: int | None = None
         self._logged_counts: dict[str, tuple[int, int]] = {}
         self._heatmaps: dict[str, DriftHeatmap] = {}
+        # `tensor_obs`: (normalizers, their tensor normalizer, its interval), while they hold.
+        self._tensor_obs: tuple[Normalizers, RunningMeanStd, IntervalMetrics] | None = None
 
     # ------------------------------------------------------------------ recording
 
@@ -124,7 +128,7 @@ class DriftTelemetry:
         """Record the batch shift of one update (what ``Normalizers.update_obs`` returned)."""
         norms = self.normalizers
         for key, batch in batches.items():
-            shift = batch_shift(batch, norms.obs[key].moments)
+            shift = drift_batch_shift(batch, norms.obs[key].moments)
             self._metrics(norms.obs_tag(key)).update_shift(shift)
 
     def record_obs_clipped(self, counts: Mapping[str, tuple[int | Tensor, int]]) -> None:
@@ -142,15 +146,34 @@ class DriftTelemetry:
         """
         self._metrics(self.normalizers.obs_tag(key)).add_clipped(clipped, values)
 
+    def tensor_obs(self) -> tuple[RunningMeanStd, IntervalMetrics]:
+        """The normalizer of tensor observations and the interval its clipped counts go to.
+
+        What the per-step ``normalize_obs`` of a rollout needs, looked up once: there each
+        Python call costs about a microsecond, more than the kernel. Recording into the
+        interval (``add_clipped``) is :meth:`record_clipped` for the tensor normalizer.
+        """
+        cached = self._tensor_obs
+        norms = self.normalizers
+        if cached is None or cached[0] is not norms:
+            cached = self._tensor_obs = (norms, norms.obs[TENSOR_KEY], self._metrics("obs"))
+        return cached[1], cached[2]
+
     def record_reward_update(self, batch: Moments | None) -> None:
         """Record the batch shift of one reward update (``Normalizers.update_rewards``'s result)."""
         reward = self.normalizers.reward
         if batch is not None and reward is not None:
-            self._metrics("reward").update_shift(batch_shift(batch, reward.stats.moments))
+            self._metrics("reward").update_shift(drift_batch_shift(batch, reward.stats.moments))
 
-    def record_reward_clipped(self, scaled: Tensor, clip: float) -> None:
-        """Record which of the scaled rewards sit at the clamp bound ``clip``."""
-        self._metrics("reward").update_clipped(scaled, clip)
+    def record_reward_clipped(self, clipped: int | Tensor, values: int) -> None:
+        """Record that ``clipped`` of ``values`` scaled rewards sat at ``+-reward_clip``.
+
+        Args:
+            clipped: what ``Normalizers.scale_rewards(..., return_clipped=True)`` counted (an
+                int, or a 0-d tensor).
+            values: how many rewards were scaled.
+        """
+        self._metrics("reward").add_clipped(clipped, values)
 
     def normalizers_moved(self) -> None:
         """Follow the normalizers to their device: call after moving them (``.to(device)``)."""
@@ -159,6 +182,7 @@ class DriftTelemetry:
         for tag, metrics in self._interval.items():
             self._pending_interval[tag] = metrics.partials().cpu()
         self._interval.clear()
+        self._tensor_obs = None
         self._last_logged = {tag: _to(m, device) for tag, m in self._last_logged.items()}
 
     # ------------------------------------------------------------------ logging
@@ -298,6 +322,7 @@ class DriftTelemetry:
             tag: _to(Moments(**m), device) for tag, m in state.get("last_logged", {}).items()
         }
         self._interval.clear()
+        self._tensor_obs = None
         self._pending_interval = {}
         self._heatmaps = {}
         telemetry = state.get("telemetry")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -455,9 +455,27 @@ class Normalizers(nn.Module):
         reward = self._reward_normalizer(rewards)
         return None if self.frozen else reward.update(rewards, dones)
 
-    def scale_rewards(self, rewards: Tensor) -> Tensor:
-        """Scale rewards with the current statistics, without updating them."""
-        return self._reward_normalizer(rewards).normalize(rewards)
+    @overload
+    def scale_rewards(
+        self, rewards: Tensor, *, return_clipped: Literal[False] = False
+    ) -> Tensor: ...
+
+    @overload
+    def scale_rewards(
+        self, rewards: Tensor, *, return_clipped: Literal[True]
+    ) -> tuple[Tensor, int | Tensor]: ...
+
+    def scale_rewards(
+        self, rewards: Tensor, *, return_clipped: bool = False
+    ) -> Tensor | tuple[Tensor, int | Tensor]:
+        """Scale rewards with the current statistics, without updating them.
+
+        Args:
+            rewards: any shape ending in ``num_envs``.
+            return_clipped: also return how many scaled rewards sit at ``+-reward_clip``.
+        """
+        normalizer = self._reward_normalizer(rewards)
+        return normalizer.normalize(rewards, return_clipped=return_clipped)  # type: ignore[call-overload]
 
     def denormalize_rewards(self, rewards: Tensor) -> Tensor:
         """Inverse of the reward scaling where not clipped."""
@@ -589,19 +607,21 @@ class Normalizers(nn.Module):
         return tuple(x.shape[x.dim() - dims :])
 
     def _reward_normalizer(self, rewards: Tensor) -> RewardNormalizer:
-        if self.reward is None:
-            if not self.config.reward:
-                raise RuntimeError(
-                    "No reward normalizer: construct with `reward=True` to normalize rewards."
-                )
-            rewards = check.as_tensor("rewards", rewards, self.device)
-            if rewards.dim() not in (1, 2):
-                raise ValueError(
-                    "`rewards` must have shape (num_envs,) or (T, num_envs), got "
-                    f"{tuple(rewards.shape)}."
-                )
-            if self.device is None:
-                self._home_device = rewards.device
-            self.ensure_reward(rewards.shape[-1])
+        reward = self.reward  # one `nn.Module.__getattr__` (a Python call) on the common path
+        if reward is not None:
+            return reward
+        if not self.config.reward:
+            raise RuntimeError(
+                "No reward normalizer: construct with `reward=True` to normalize rewards."
+            )
+        rewards = check.as_tensor("rewards", rewards, self.device)
+        if rewards.dim() not in (1, 2):
+            raise ValueError(
+                "`rewards` must have shape (num_envs,) or (T, num_envs), got "
+                f"{tuple(rewards.shape)}."
+            )
+        if self.device is None:
+            self._home_device = rewards.device
+        self.ensure_reward(rewards.shape[-1])
         assert self.reward is not None
         return self.reward

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -165,18 +165,30 @@ class RewardNormalizer(nn.Module):
         self.returns.copy_(returns)
         return batch
 
-    def normalize(self, rewards: Tensor) -> Tensor:
+    @overload
+    def normalize(self, rewards: Tensor, *, return_clipped: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def normalize(
+        self, rewards: Tensor, *, return_clipped: Literal[True]
+    ) -> tuple[Tensor, int | Tensor]: ...
+
+    def normalize(
+        self, rewards: Tensor, *, return_clipped: bool = False
+    ) -> Tensor | tuple[Tensor, int | Tensor]:
         """Scale rewards by the current statistics (identity before the first update).
 
         Args:
             rewards: any shape ending in ``num_envs`` (or a scalar per env).
+            return_clipped: also return how many scaled rewards sit at ``+-clip`` (see
+                :meth:`RunningMeanStd.normalize <rlnorm.RunningMeanStd.normalize>`).
 
         Returns:
-            Scaled and clipped rewards in ``rewards``' dtype.
+            Scaled and clipped rewards in ``rewards``' dtype (and the clipped count if asked).
         """
         rewards = self._as_tensor("rewards", rewards)
         check_input("rewards", rewards, (), self.returns.device)
-        return self.stats.normalize(rewards)
+        return self.stats.normalize(rewards, return_clipped=return_clipped)  # type: ignore[call-overload]
 
     def denormalize(self, rewards: Tensor) -> Tensor:
         """Inverse of :meth:`normalize` where not clipped."""
@@ -236,6 +248,8 @@ class RewardNormalizer(nn.Module):
 
     def _as_tensor(self, name: str, value: Any) -> Tensor:
         """NumPy arrays and Python numbers as tensors on the returns' device."""
+        if type(value) is Tensor:
+            return value
         return check.as_tensor(name, value, self.returns.device)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -318,10 +318,14 @@ class RunningMeanStd(nn.Module):
         Returns:
             The normalized tensor, same shape as ``x`` (and the clipped count if asked).
         """
+        state, settings = self._state or self.state, self._settings
+        done = self._dispatch.normalize_cached(state, x, settings)
+        if done is not None:  # the per-step CPU call: checked and normalized in one step
+            return done if return_clipped else done[0]
         if type(x) is not Tensor:
             x = check.as_tensor("x", x, self._device)
         check_input("x", x, self.shape, self._device)
-        return self._dispatch.normalize(self.state, x, self.settings, return_clipped)
+        return self._dispatch.normalize(state, x, settings, return_clipped)
 
     def denormalize(self, y: Tensor) -> Tensor:
         """Inverse of :meth:`normalize`: ``y * sqrt(var + epsilon) + mean`` where not clipped.
