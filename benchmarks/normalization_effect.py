@@ -121,7 +121,7 @@ TIMED_METHODS = (
     "on_train_start",
     "on_train_batch_start",
     "on_train_batch_end",
-    "on_before_optimizer_step",
+    "on_train_end",
     "on_train_epoch_end",
     "state_dict",
     "on_save_checkpoint",
@@ -142,7 +142,7 @@ def time_calls(callback: object, spent: list[float]) -> None:
         return call
 
     for name in TIMED_METHODS:
-        if hasattr(callback, name):
+        if callable(getattr(callback, name, None)):  # hooks set to None are never dispatched
             setattr(callback, name, timed(getattr(callback, name)))
 
 

@@ -801,3 +801,30 @@ def test_normalizers_before_setup_raise_a_helpful_error() -> None:
     assert not callback.updates_enabled
     with pytest.raises(RuntimeError, match="setup"):
         callback.normalize_obs(torch.zeros(2, OBS_DIM))
+
+
+def test_per_step_hooks_it_has_no_use_for_are_not_dispatched_unless_a_subclass_adds_them(
+    tmp_path: Path,
+) -> None:
+    class CountingBackward(NormalizerCallback):
+        def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+            self.backward_calls = getattr(self, "backward_calls", 0) + 1
+
+    for cls in (NormalizerCallback, CountingBackward):
+        callback = cls(reward=True)
+        trainer = make_trainer(tmp_path, [callback], max_steps=4, profiler="simple")
+        trainer.fit(RolloutAgent())
+        dispatched = {
+            name.rsplit(".", 1)[-1]
+            for name in trainer.profiler.recorded_durations
+            if name.startswith(f"[Callback]{callback.state_key}.")
+        }
+        assert "on_train_batch_end" in dispatched  # hooks it uses still run
+        assert int(callback.normalizers.obs["obs"].count) == 4 * ROWS
+        skipped = {"on_after_backward", "on_before_optimizer_step", "on_before_zero_grad"}
+        assert not dispatched & skipped
+        if cls is CountingBackward:
+            assert "on_before_backward" in dispatched
+            assert callback.backward_calls == 4
+        else:
+            assert "on_before_backward" not in dispatched
