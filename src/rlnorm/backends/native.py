@@ -319,6 +319,11 @@ def _is_cpu_f64(t: Tensor) -> bool:
     return t.is_cpu and t.dtype is torch.float64
 
 
+def _is_plain_f64(t: Tensor) -> bool:
+    """A contiguous float64 CPU tensor: what the kernels read through a bare address."""
+    return _is_cpu_f64(t) and t.is_contiguous()
+
+
 def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> ShiftedSums | None:
     """Native :func:`~rlnorm.algebra.moments.shifted_sums` of a 2-D batch (``None``: ineligible).
 
@@ -379,13 +384,7 @@ def try_affine(
         _enabled
         and dtype in _FLOATS
         and not _is_compiling()
-        and _is_cpu_f64(mean)
-        and _is_cpu_f64(var)
-        and _is_cpu_f64(residual)
-        and _is_cpu_f64(weight)
-        and mean.is_contiguous()
-        and var.is_contiguous()
-        and residual.is_contiguous()
+        and all(map(_is_plain_f64, (mean, var, residual, weight)))
         and mean.shape == var.shape == residual.shape
     ):
         return None
@@ -419,13 +418,7 @@ def try_batch_shift(batch: Moments, running: Moments) -> float | None:
     if not (
         _enabled
         and not _is_compiling()
-        and _is_cpu_f64(bm)
-        and _is_cpu_f64(mean)
-        and _is_cpu_f64(var)
-        and _is_cpu_f64(weight)
-        and bm.is_contiguous()
-        and mean.is_contiguous()
-        and var.is_contiguous()
+        and all(map(_is_plain_f64, (bm, mean, var, weight)))
         and bm.shape == mean.shape == var.shape
         and weight.numel() == 1
     ):
