@@ -182,9 +182,11 @@ def test_normalize_cached_serves_repeats_and_steps_aside_whenever_normalize_woul
     x = x.detach()
     with native.native_kernels(False):
         assert door.normalize_cached(state, x, EXACT) is None
-    with fused.interpret_on_cpu():
-        if fused.available():
+    if fused.interpreting():
+        with fused.interpret_on_cpu():
+            assert not native.enabled()  # the CPU stands in for a GPU: no native kernels
             assert door.normalize_cached(state, x, EXACT) is None  # the fused kernels serve
+        assert native.enabled()
     replaced = State(*(t.clone() for t in state))  # e.g. `load_state_dict(assign=True)`
     assert door.normalize_cached(replaced, x, EXACT) is None
     assert door.normalize_cached(state, x, EXACT) is not None

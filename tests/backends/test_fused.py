@@ -561,6 +561,17 @@ except RuntimeError:
     assert out.stdout.strip() == "refused"
 
 
+def test_interpreting_on_cpu_leaves_what_fused_kernels_do_not_take_to_torch_as_on_a_gpu() -> None:
+    # The autouse fixture is inside `interpret_on_cpu`: CPU tensors stand in for CUDA ones.
+    assert not native.enabled()
+    rms = RunningMeanStd(3)
+    before = native.calls()
+    with fused.use_fused(False):
+        rms.update(torch.randn(10, 3))
+        rms.normalize(torch.randn(4, 3))
+    assert native.calls() == before
+
+
 def test_workspace_rechecks_the_state_only_when_its_buffers_are_replaced() -> None:
     ws = fused.Workspace()
     state = initial_state((3,), 0.0)

@@ -270,12 +270,42 @@ def test_native_normalize_is_bitwise_equal_to_the_torch_formula(dtype, clip, cen
 
 
 @needs_kernels
-def test_large_native_normalize_split_over_threads_equals_the_torch_formula() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [2047, 2048, 4096])  # 2048 rows: the fewest that are split
+def test_large_native_normalize_split_over_threads_equals_the_torch_formula(
+    rows: int, threads: int
+) -> None:
+    assert (rows * 256 >= _native._PARALLEL_ELEMENTS) == (rows >= 2048)
     rms = RunningMeanStd(256)
-    x = torch.randn(4096, 256) * 4 - 3
+    x = torch.randn(rows, 256) * 4 - 3
     rms.update(x[:100])
-    native, ref = native_and_torch_normalize(rms, x)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        native, ref = native_and_torch_normalize(rms, x)
+    finally:
+        torch.set_num_threads(previous)
     assert torch.equal(native, ref)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.zeros(4, 3),
+        torch.zeros(4, 3, dtype=F64),
+        torch.zeros(4, 3, dtype=torch.float16),
+        torch.zeros(4, 3, dtype=torch.int64),
+        torch.zeros(3, 4).T,  # not contiguous
+        torch.zeros(4, 3, requires_grad=True),
+    ],
+    ids=["f32", "f64", "f16", "int64", "transposed", "requires_grad"],
+)
+def test_eligible_as_with_the_dtype_already_read_answers_as_eligible(x: torch.Tensor) -> None:
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert _native.eligible_as(x, x.dtype) == _native.eligible(x)
+    with _native.native_kernels(False):
+        assert not _native.eligible_as(x, x.dtype)
 
 
 def test_native_update_invalidates_the_normalize_cache() -> None:
@@ -666,6 +696,7 @@ def test_native_affine_map_is_bitwise_the_torch_map(dtype, clip, center, weight)
                 assert got.shape == want.shape, name
                 assert torch.equal(got, want), (name, features, epsilon)
             assert args == _native.affine_args(native_map)
+            assert args.is_f64 == (dtype is F64)
 
 
 def test_float64_clip_bound_is_the_clip_exactly_not_its_float32_rounding() -> None:

@@ -796,6 +796,27 @@ def test_get_normalizer_on_a_module_outside_a_trainer_raises() -> None:
         rlnorm.get_normalizer(object())  # type: ignore[arg-type]
 
 
+def test_normalize_obs_outside_training_neither_counts_clips_nor_differs_from_normalizers(
+    tmp_path: Path,
+) -> None:
+    callback = NormalizerCallback(OBS_DIM, clip=0.5)
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    trainer.fit(RolloutAgent(rewards=False))
+    assert not callback.updates_enabled  # the fit is over
+    interval = callback.telemetry.state_dict()["telemetry"]["interval"]["obs"]
+    x = torch.randn(5, OBS_DIM) * 100
+    for obs in (x, x.numpy(), x.double()):  # tensors take the per-step route, arrays do not
+        out = callback.normalize_obs(obs)
+        assert torch.equal(out, callback.normalizers.normalize_obs(obs))
+        assert out.abs().max() == 0.5
+    assert torch.equal(callback.telemetry.state_dict()["telemetry"]["interval"]["obs"], interval)
+    # Stages Lightning sets are enum members; a stage given as a string is compared as one.
+    trainer.state.stage = "train"  # type: ignore[assignment]
+    assert callback.updates_enabled
+    trainer.state.stage = "validate"  # type: ignore[assignment]
+    assert not callback.updates_enabled
+
+
 def test_normalizers_before_setup_raise_a_helpful_error() -> None:
     callback = NormalizerCallback(OBS_DIM)
     assert not callback.updates_enabled

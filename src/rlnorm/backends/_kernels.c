@@ -588,17 +588,19 @@ static void *normalize_worker(void *arg) {
 }
 #endif
 
-/* normalize(x, y, is_f64, n, d, offset, offset_lo, scale, bound, threads) -> at_bound:
+/* normalize(x, y, is_f64, numel, d, offset, offset_lo, scale, bound, threads) -> at_bound:
  * y = clamp(((x - offset) - offset_lo) * scale, -bound, bound) in x's dtype (bound may be
- * inf); NaN stays NaN as in torch.clamp. Returns how many values of y equal +-bound. */
+ * inf), over numel values in rows of d; NaN stays NaN as in torch.clamp. Returns how many
+ * values of y equal +-bound. Threads matter from PARALLEL_ELEMENTS values on. */
 static PyObject *k_normalize(PyObject *self, PyObject *args) {
     unsigned long long px, py, po, pol, ps;
-    long long n, d;
+    long long numel, d;
     int is_f64, threads;
     double clip;
-    if (!PyArg_ParseTuple(args, "KKpLLKKKdi", &px, &py, &is_f64, &n, &d, &po, &pol, &ps, &clip,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "KKpLLKKKdi", &px, &py, &is_f64, &numel, &d, &po, &pol, &ps,
+                          &clip, &threads))
         return NULL;
+    const long long n = d > 0 ? numel / d : 0;
     NormTask base = {(const void *)(uintptr_t)px, (void *)(uintptr_t)py, is_f64, d, 0, n * d,
                      (const void *)(uintptr_t)po, (const void *)(uintptr_t)pol,
                      (const void *)(uintptr_t)ps, !isinf(clip), clip, 0};
@@ -765,4 +767,13 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
                                     "Native CPU kernels of rlnorm.", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* The fewest values a normalize splits between threads (two chunks): below, the caller
+     * need not ask torch how many threads it may use. */
+    if (m && PyModule_AddIntConstant(m, "PARALLEL_ELEMENTS", 2 * CHUNK_ELEMENTS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -241,7 +241,7 @@ class _CachedAffine(NamedTuple):
     dtype: torch.dtype
     versions: tuple[int, int, int] | None
     affine: _affine.Affine
-    args: tuple[int, int, int, float, int]
+    args: native.KernelMap
     feature_shape: torch.Size
 
 
@@ -452,15 +452,17 @@ class Dispatcher:
             ``None``.
         """
         cache = self._affine_cache
+        # Each attribute read of `x` costs about half a microsecond here: each is read once.
         if (
             cache is None
             or cache.state is not state
             or cache.settings is not s
             or type(x) is not Tensor
             or x.dtype is not cache.dtype
-            or x.shape[x.dim() - len(cache.feature_shape) :] != cache.feature_shape
-            or not native.eligible(x)  # before the versions: false while torch.compile traces
-            or fused.eligible(x)
+            or (shape := x.shape)[len(shape) - len(cache.feature_shape) :] != cache.feature_shape
+            # Before the versions: false while torch.compile traces. (CPU tensors the fused
+            # kernels take, inside `fused.interpret_on_cpu`, find the native kernels off.)
+            or not native.eligible_as(x, cache.dtype)
             # `_versions` inlined (a call costs about a microsecond here); the buffers are the
             # cached ones, never inference tensors, so the counters can be read.
             or cache.versions

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from rlnorm.algebra.moments import SHIFT_ROWS, Moments, ShiftedSums
 from rlnorm.algebra.state import State
+from rlnorm.backends import native
 
 __all__ = [
     "KernelError",
@@ -241,7 +242,9 @@ def interpret_on_cpu() -> Iterator[None]:
     """Let CPU tensors take the fused path, run by Triton's interpreter (tests without a GPU).
 
     Only where the kernels really are interpreted: on a machine that compiles them for a GPU
-    this refuses, since compiled kernels cannot read CPU memory.
+    this refuses, since compiled kernels cannot read CPU memory. Inside the block the CPU
+    stands in for a GPU, where the native CPU kernels never run: they stay off, so whatever the
+    fused kernels do not take runs the torch code, as on CUDA.
 
     Raises:
         RuntimeError: triton is missing, or ``TRITON_INTERPRET=1`` was not set before the
@@ -262,7 +265,8 @@ def interpret_on_cpu() -> Iterator[None]:
     previous = _interpret_cpu
     _interpret_cpu = True
     try:
-        yield
+        with native.native_kernels(False):
+            yield
     finally:
         _interpret_cpu = previous
 

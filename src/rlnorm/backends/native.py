@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,11 +45,13 @@ except ImportError:  # built without a C compiler: the torch code path serves
     _kernels = None
 
 __all__ = [
+    "KernelMap",
     "StatePointers",
     "affine_args",
     "available",
     "calls",
     "eligible",
+    "eligible_as",
     "enabled",
     "native_kernels",
     "normalize",
@@ -61,6 +64,8 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float64)
+#: The fewest values the normalize kernel splits between threads.
+_PARALLEL_ELEMENTS = 0 if _kernels is None else int(_kernels.PARALLEL_ELEMENTS)
 _enabled = _kernels is not None and os.environ.get("RLNORM_NATIVE", "1") != "0"
 
 #: Calls each kernel served in this process, counted after the kernel returned: which path ran
@@ -139,11 +144,22 @@ _grad_enabled = torch.is_grad_enabled
 
 def eligible(x: Tensor) -> bool:
     """Whether a batch can take the native path (static facts only, no data read)."""
+    return type(x) is Tensor and x.dtype in _FLOATS and _runs_native(x)
+
+
+def eligible_as(x: Tensor, dtype: torch.dtype) -> bool:
+    """:func:`eligible` for a tensor whose dtype the caller has read already: ``dtype``.
+
+    On the per-step path each attribute read of a tensor costs about half a microsecond (the
+    caches are cold after an environment step), so the dtype is not read twice.
+    """
+    return dtype in _FLOATS and _runs_native(x)
+
+
+def _runs_native(x: Tensor) -> bool:
     return (
         _enabled
-        and type(x) is Tensor
         and x.is_cpu
-        and x.dtype in _FLOATS
         and x.is_contiguous()
         and not (x.requires_grad and _grad_enabled())
         and not _is_compiling()
@@ -365,7 +381,7 @@ def try_shifted_sums(x: Tensor, weights: Tensor | None, shift: Tensor) -> Shifte
 
 def try_affine(
     state: State, clip: float | None, epsilon: float, center: bool, dtype: torch.dtype
-) -> tuple[Affine, tuple[int, int, int, float, int]] | None:
+) -> tuple[Affine, KernelMap] | None:
     """:func:`~rlnorm.algebra.affine.affine` of CPU statistics in one call, or ``None``.
 
     The map is recomputed after every update (a dozen small torch operations); here it is one
@@ -404,7 +420,9 @@ def try_affine(
     )
     _calls["affine"] += 1
     offset, offset_lo, scale, low, high = out.view(5, *mean.shape).unbind()
-    args = (offset.data_ptr(), offset_lo.data_ptr(), scale.data_ptr(), bound, d)
+    args = KernelMap(
+        offset.data_ptr(), offset_lo.data_ptr(), scale.data_ptr(), bound, d, dtype is torch.float64
+    )
     return Affine(offset, offset_lo, scale, low, high), args
 
 
@@ -430,41 +448,60 @@ def try_batch_shift(batch: Moments, running: Moments) -> float | None:
     return shift
 
 
-def affine_args(a: Affine) -> tuple[int, int, int, float, int]:
-    """The normalize kernel's arguments for the CPU map ``a``: addresses, bound, features.
+class KernelMap(NamedTuple):
+    """The normalize kernel's arguments for one CPU map (see :func:`affine_args`)."""
 
-    The bound is passed as a number: one host read, so callers cache the result with ``a``.
+    offset: int
+    offset_lo: int
+    scale: int
+    bound: float
+    features: int
+    is_f64: bool
+
+
+def affine_args(a: Affine) -> KernelMap:
+    """The normalize kernel's arguments for the float32 or float64 CPU map ``a``.
+
+    The addresses of its contiguous tensors, the clamp bound, the number of features and the
+    dtype. The bound is passed as a number: one host read, so callers cache the result with
+    ``a`` (which keeps the addresses valid).
     """
     high = a.high.reshape(-1)
     bound = float(high[0]) if high.numel() else math.inf
-    return (
+    return KernelMap(
         a.offset.data_ptr(),
         a.offset_lo.data_ptr(),
         a.scale.data_ptr(),
         bound,
         a.offset.numel(),
+        a.offset.dtype is torch.float64,
     )
 
 
-def normalize(x: Tensor, args: tuple[int, int, int, float, int]) -> tuple[Tensor, int]:
+def normalize(x: Tensor, args: KernelMap) -> tuple[Tensor, int]:
     """Normalize an :func:`eligible` ``x`` in one pass with the map of :func:`affine_args`.
+
+    ``x`` must have the map's dtype, the caller checks (``args`` holds it, so that the per-step
+    call does not read it from ``x`` a second time).
 
     Returns:
         The normalized tensor and how many of its values sit at the clamp bound.
     """
-    offset, offset_lo, scale, bound, d = args
+    offset, offset_lo, scale, bound, d, is_f64 = args
     out = torch.empty_like(x)
+    numel = x.numel()
     at_bound = _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
         out.data_ptr(),
-        x.dtype is torch.float64,
-        x.numel() // max(d, 1),
+        is_f64,
+        numel,
         d,
         offset,
         offset_lo,
         scale,
         bound,
-        torch.get_num_threads(),
+        # Asking torch costs a call per step; only batches this large are split.
+        torch.get_num_threads() if numel >= _PARALLEL_ELEMENTS else 1,
     )
     _calls["normalize"] += 1
     return out, at_bound

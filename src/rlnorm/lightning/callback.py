@@ -238,6 +238,8 @@ class NormalizerCallback(RolloutNormalizers, Callback):
         stage = trainer.state.stage
         if stage is RunningStage.TRAINING:
             return True
+        if stage is None or type(stage) is RunningStage:  # another member: not training
+            return False
         return trainer.training and not trainer.sanity_checking
 
     # ------------------------------------------------------------------ Lightning hooks

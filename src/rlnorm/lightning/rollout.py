@@ -79,17 +79,21 @@ class RolloutNormalizers:
         """
         telemetry = self.telemetry
         norms = telemetry.normalizers
-        if norms.config.clip is None or not self.updates_enabled:
-            return norms.normalize_obs(obs)
         # While learning, the clip fraction is logged; the counts come with the output.
+        counting = norms.config.clip is not None and self.updates_enabled
         if type(obs) is Tensor and norms.dict_obs is False:
-            # The per-step call of every rollout (one tensor normalizer), in the fewest Python
-            # calls (each costs about a microsecond there): what
-            # `normalize_obs_counting_clipped` and `record_obs_clipped` do for one key.
+            # The per-step call of every rollout or evaluation (one tensor normalizer), in the
+            # fewest Python calls (each costs about a microsecond there): what
+            # `Normalizers.normalize_obs` (`normalize_obs_counting_clipped` and
+            # `record_obs_clipped` when counting) do for one key.
             normalizer, interval = telemetry.tensor_obs()
+            if not counting:
+                return normalizer.normalize(obs)
             out, clipped = normalizer.normalize(obs, return_clipped=True)
             interval.add_clipped(clipped, out.numel())
             return out
+        if not counting:
+            return norms.normalize_obs(obs)
         out, counts = norms.normalize_obs_counting_clipped(obs)
         telemetry.record_obs_clipped(counts)
         return out
