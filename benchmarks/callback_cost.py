@@ -46,7 +46,8 @@ It prints:
   counts);
 - the median environment steps per second of each mode;
 - the share of the training wall time spent inside the callback (its API and its Lightning
-  hooks, timed call by call in the runs with rlnorm): a direct measure of its own cost.
+  hooks, timed call by call in the runs with rlnorm): a direct measure of its own cost, and
+  that share method by method with the time of one call (where the time inside goes).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from normalization_effect import MODES, ROOT, bare_trainer, run_setup
+from normalization_effect import MODES, ROOT, bare_trainer, run_setup, seconds_inside
 
 ACTIONS = ("policy", "scripted")
 SCHEDULES = ("turns", "runs")
@@ -149,7 +150,8 @@ def worker(
         "cpu_s": cpu,
         "sps": model.env_steps / wall,
         "cpu_sps": model.env_steps / cpu,
-        "rlnorm_s": spent[0],
+        "rlnorm_s": seconds_inside(spent),
+        "rlnorm_calls": spent,
         "turns": spans,
     }
 
@@ -341,8 +343,26 @@ def main() -> None:
         f"- median env steps/s with rlnorm {statistics.median(r['sps'] for r in with_rlnorm):,.0f}"
         f", without {statistics.median(r['sps'] for r in without):,.0f}\n"
         f"- time inside the callback: median {100 * statistics.median(shares):.2f}% of the "
-        f"training wall time (runs: {shown})"
+        f"training wall time (runs: {shown})\n"
+        f"- of which, by method: {by_method(with_rlnorm)}"
     )
+
+
+def by_method(runs: list[dict[str, Any]]) -> str:
+    """Each timed method's median share of the wall time and time per call, largest first."""
+    rows = []
+    for name in sorted({name for run in runs for name in run["rlnorm_calls"]}):
+        tallies = [(run["rlnorm_calls"].get(name, [0, 0.0]), run["wall_s"]) for run in runs]
+        called = [(calls, seconds, wall) for (calls, seconds), wall in tallies if calls]
+        if not called:  # a hook this loop never reached
+            continue
+        share = statistics.median(seconds / wall for _, seconds, wall in called)
+        calls = statistics.median(calls for calls, _, _ in called)
+        per_call = statistics.median(seconds / calls for calls, seconds, _ in called)
+        if share >= 5e-4:  # 0.05% of the loop
+            row = f"{name} {100 * share:.2f}% ({calls:,.0f} calls, {1e6 * per_call:,.1f} us each)"
+            rows.append((share, row))
+    return "; ".join(row for _, row in sorted(rows, reverse=True)) or "none above 0.05%"
 
 
 if __name__ == "__main__":

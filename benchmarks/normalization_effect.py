@@ -39,12 +39,13 @@ MODES = ("rlnorm", "none")
 
 def run_setup(
     config_path: str, mode: str, seed: int, steps: int
-) -> tuple[dict[str, Any], list[Any], list[float]]:
-    """A run's model arguments, its callbacks (timed) and the list their time adds up in.
+) -> tuple[dict[str, Any], list[Any], dict[str, list[float]]]:
+    """A run's model arguments, its callbacks (timed) and where their time adds up.
 
     The model arguments are the config's, for ``steps`` environment steps and ``seed``; with
     ``mode="rlnorm"`` the callbacks are the config's ``NormalizerCallback``, each call of which
-    adds its wall time to ``spent[0]`` (see :func:`time_calls`); with ``"none"`` there are none.
+    is counted and timed per method in ``spent`` (see :func:`time_calls`); with ``"none"``
+    there are none.
     """
     import rlnorm
 
@@ -56,7 +57,7 @@ def run_setup(
         for entry in config["trainer"]["callbacks"]:
             if entry["class_path"].endswith("NormalizerCallback"):
                 callbacks.append(rlnorm.NormalizerCallback(**entry.get("init_args", {})))
-    spent = [0.0]
+    spent: dict[str, list[float]] = {}
     for callback in callbacks:
         time_calls(callback, spent)
     return model_args, callbacks, spent
@@ -106,7 +107,7 @@ def worker(config_path: str, mode: str, seed: int, steps: int, accelerator: str 
         "solved_at": model.solved_at,
         "wall_s": wall,
         "sps": model.env_steps / wall,
-        "rlnorm_s": spent[0],
+        "rlnorm_s": seconds_inside(spent),
     }
 
 
@@ -128,22 +129,30 @@ TIMED_METHODS = (
 )
 
 
-def time_calls(callback: object, spent: list[float]) -> None:
-    """Add the wall time of every call of the callback's timed methods to ``spent[0]``."""
+def time_calls(callback: object, spent: dict[str, list[float]]) -> None:
+    """Count and time every call of the callback's timed methods: ``spent[name] = [calls, s]``."""
 
-    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        tally = spent.setdefault(name, [0, 0.0])
+
         def call(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                tally[1] += time.perf_counter() - start
+                tally[0] += 1
 
         return call
 
     for name in TIMED_METHODS:
         if callable(getattr(callback, name, None)):  # hooks set to None are never dispatched
-            setattr(callback, name, timed(getattr(callback, name)))
+            setattr(callback, name, timed(name, getattr(callback, name)))
+
+
+def seconds_inside(spent: dict[str, list[float]]) -> float:
+    """The wall time of all timed calls together."""
+    return sum(seconds for _, seconds in spent.values())
 
 
 def run_one(config: str, mode: str, seed: int, steps: int, accelerator: str = "cpu") -> dict:

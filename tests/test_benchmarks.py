@@ -121,3 +121,13 @@ def test_callback_cost_modes_take_turns_that_never_overlap_and_cover_the_whole_f
         assert result["wall_s"] == pytest.approx(sum(end - start for start, end in result["turns"]))
     assert with_rlnorm["rlnorm_s"] > 0.0
     assert without["rlnorm_s"] == 0.0
+    # Where the time inside goes: per method, adding up to the total.
+    calls = with_rlnorm["rlnorm_calls"]
+    assert calls["normalize_obs"][0] == 3 * (
+        1 + 32
+    )  # per rollout: its first observation, each step
+    assert calls["update_obs"][0] == 3  # once per rollout
+    assert sum(s for _, s in calls.values()) == pytest.approx(with_rlnorm["rlnorm_s"])
+    assert without["rlnorm_calls"] == {}
+    line = callback_cost.by_method([with_rlnorm])
+    assert line.split(";")[0].startswith("normalize_obs ")  # the largest share first

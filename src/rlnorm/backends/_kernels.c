@@ -588,18 +588,29 @@ static void *normalize_worker(void *arg) {
 }
 #endif
 
-/* normalize(x, y, is_f64, numel, d, offset, offset_lo, scale, bound, threads) -> at_bound:
- * y = clamp(((x - offset) - offset_lo) * scale, -bound, bound) in x's dtype (bound may be
- * inf), over numel values in rows of d; NaN stays NaN as in torch.clamp. Returns how many
- * values of y equal +-bound. Threads matter from PARALLEL_ELEMENTS values on. */
-static PyObject *k_normalize(PyObject *self, PyObject *args) {
-    unsigned long long px, py, po, pol, ps;
-    long long numel, d;
-    int is_f64, threads;
-    double clip;
-    if (!PyArg_ParseTuple(args, "KKpLLKKKdi", &px, &py, &is_f64, &numel, &d, &po, &pol, &ps,
-                          &clip, &threads))
+/* normalize(x, y, numel, map, threads) -> at_bound, map = (offset, offset_lo, scale, bound, d,
+ * is_f64) (native.KernelMap): y = clamp(((x - offset) - offset_lo) * scale, -bound, bound) in
+ * x's dtype, the map's (bound may be inf), over numel values in rows of d; NaN stays NaN as in
+ * torch.clamp. Returns how many values of y equal +-bound. Threads matter from
+ * PARALLEL_ELEMENTS values on. The per-step call: vectorcall, and the map a tuple made once,
+ * since converting ten arguments through a format string costs more than the kernel there. */
+static PyObject *k_normalize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 6) {
+        PyErr_SetString(PyExc_TypeError, "normalize(x, y, numel, map, threads): map of 6 fields");
         return NULL;
+    }
+    PyObject *const *map = &PyTuple_GET_ITEM(args[3], 0);
+    const unsigned long long px = PyLong_AsUnsignedLongLong(args[0]);
+    const unsigned long long py = PyLong_AsUnsignedLongLong(args[1]);
+    const long long numel = PyLong_AsLongLong(args[2]);
+    const int threads = PyLong_AsLong(args[4]);
+    const unsigned long long po = PyLong_AsUnsignedLongLong(map[0]);
+    const unsigned long long pol = PyLong_AsUnsignedLongLong(map[1]);
+    const unsigned long long ps = PyLong_AsUnsignedLongLong(map[2]);
+    const double clip = PyFloat_AsDouble(map[3]);
+    const long long d = PyLong_AsLongLong(map[4]);
+    const int is_f64 = PyObject_IsTrue(map[5]);
+    if (PyErr_Occurred()) return NULL;
     const long long n = d > 0 ? numel / d : 0;
     NormTask base = {(const void *)(uintptr_t)px, (void *)(uintptr_t)py, is_f64, d, 0, n * d,
                      (const void *)(uintptr_t)po, (const void *)(uintptr_t)pol,
@@ -758,7 +769,8 @@ static PyMethodDef methods[] = {
      "RewardNormalizer's return recursion over a rollout (see backends/native.py)."},
     {"update", k_update, METH_VARARGS, "Fused RunningMeanStd update (see backends/native.py)."},
     {"shifted_sums", k_shifted_sums, METH_VARARGS, "Fused shifted sums (see backends/native.py)."},
-    {"normalize", k_normalize, METH_VARARGS, "Fused normalize (see backends/native.py)."},
+    {"normalize", (PyCFunction)(void (*)(void))k_normalize, METH_FASTCALL,
+     "Fused normalize (see backends/native.py)."},
     {"affine", k_affine, METH_VARARGS, "Normalize's affine map (see backends/native.py)."},
     {"batch_shift", k_batch_shift, METH_VARARGS, "A batch's drift (see backends/native.py)."},
     {NULL, NULL, 0, NULL},

@@ -487,19 +487,13 @@ def normalize(x: Tensor, args: KernelMap) -> tuple[Tensor, int]:
     Returns:
         The normalized tensor and how many of its values sit at the clamp bound.
     """
-    offset, offset_lo, scale, bound, d, is_f64 = args
     out = torch.empty_like(x)
     numel = x.numel()
     at_bound = _kernels.normalize(  # type: ignore[union-attr]
         x.data_ptr(),
         out.data_ptr(),
-        is_f64,
         numel,
-        d,
-        offset,
-        offset_lo,
-        scale,
-        bound,
+        args,
         # Asking torch costs a call per step; only batches this large are split.
         torch.get_num_threads() if numel >= _PARALLEL_ELEMENTS else 1,
     )
