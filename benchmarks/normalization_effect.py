@@ -65,8 +65,12 @@ def run_setup(
 
 def bare_trainer(accelerator: str, callbacks: list[Any]) -> Any:
     """A one-device Trainer that trains until the model stops it, writing and printing nothing."""
+    import logging
+
     import lightning as L  # noqa: N812
 
+    # Lightning's start-up lines ("GPU available: ...", tips) would repeat for every run.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     return L.Trainer(
         accelerator=accelerator,
         devices=1,
