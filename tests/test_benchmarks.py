@@ -108,13 +108,13 @@ def test_callback_cost_modes_take_turns_that_never_overlap_and_cover_the_whole_f
     pair = callback_cost.run_pair(config, 1, 768, "cpu", "policy", first="none")
     with_rlnorm, without = pair["rlnorm"], pair["none"]
     assert with_rlnorm["steps"] == without["steps"] == 768
-    # setup to the first iteration, then one turn per iteration (3 rollouts of 8 x 32).
-    assert len(with_rlnorm["turns"]) == len(without["turns"]) == 4
+    # One turn per iteration (3 rollouts of 8 x 32): the first from setup, the last to teardown.
+    assert len(with_rlnorm["turns"]) == len(without["turns"]) == 3
     spans = sorted(
         [(*span, "rlnorm") for span in with_rlnorm["turns"]]
         + [(*span, "none") for span in without["turns"]]
     )
-    assert [mode for *_, mode in spans] == ["none", "rlnorm"] * 4  # strictly alternating
+    assert [mode for *_, mode in spans] == ["none", "rlnorm"] * 3  # strictly alternating
     for (_, end, _), (start, _, _) in itertools.pairwise(spans):
         assert end <= start  # one turn ends before the next one starts
     for result in pair.values():

@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlnorm
 from conftest import write_user_env_module
 from rlnorm.agents.ppo import PPO
-from rlnorm.cli import main
+from rlnorm.cli import RunProgressBar, default_progress_bar, main
 from rollout_agents import QUIET_LIGHTNING, make_trainer
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in QUIET_LIGHTNING]
@@ -166,6 +167,42 @@ def test_last_ckpt_holds_the_end_of_a_run_whose_length_is_not_a_multiple_of_the_
     stats = rlnorm.load_normalizers(fitted["ckpt"]).named_normalizers()
     assert int(stats["obs"].count) == 512
     assert int(stats["reward"].count) == 512
+
+
+def test_fit_as_a_newcomer_runs_it_ends_its_progress_bar_on_epoch_0_without_warnings(tmp_path):
+    # The command as the README gives it, in a subprocess: Lightning's default bar is Rich's
+    # (when `rich` is installed), which under max_epochs=-1 Lightning labels "Epoch 0/-2", and
+    # the run used to end by starting an empty "Epoch 1" to notice that it was done.
+    pytest.importorskip("rich")
+    config = str(ROOT / "configs" / "cartpole.yaml")
+    done = rlnorm_command(
+        "fit", "--config", config, "--trainer.default_root_dir", str(tmp_path), *TINY
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Epoch 0" in done.stdout, done.stdout[-3000:]
+    assert "Epoch 1" not in done.stdout
+    assert "/-2" not in done.stdout
+    assert "8/8" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("trainer_config", "adds_its_bar"),
+    [
+        ({}, True),
+        ({"callbacks": None}, True),
+        ({"callbacks": [rlnorm.NormalizerCallback()]}, True),
+        ({"enable_progress_bar": False}, False),
+        ({"callbacks": TQDMProgressBar()}, False),
+        ({"callbacks": [rlnorm.NormalizerCallback(), TQDMProgressBar()]}, False),
+    ],
+    ids=["defaults", "no_callbacks", "other_callbacks", "bar_disabled", "bar_given", "bar_listed"],
+)
+def test_fit_adds_its_rich_bar_only_where_lightning_would_add_its_default_one(
+    trainer_config, adds_its_bar
+):
+    pytest.importorskip("rich")
+    assert isinstance(default_progress_bar(trainer_config), RunProgressBar) == adds_its_bar
 
 
 def test_fit_ends_with_one_line_giving_return_env_steps_checkpoint_and_logs(fitted):

@@ -20,13 +20,15 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from typing_extensions import override
 
 __all__ = ["EndOfFitCheckpoint", "main"]
 
@@ -99,6 +101,41 @@ class EndOfFitCheckpoint(ModelCheckpoint):
         ):
             # Every rank calls this (it gathers callback state); rank zero writes the file.
             trainer.save_checkpoint(self.last_model_path)
+
+
+class RunProgressBar(RichProgressBar):
+    """Rich's progress bar, labelled ``Epoch N`` when the epoch count is unlimited.
+
+    ``rlnorm fit`` trains with ``max_epochs=-1`` (its length is ``total_timesteps``), which
+    Lightning's Rich bar would label ``Epoch 0/-2``.
+    """
+
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        # Padded as Lightning pads it, so the validation bar's label does not make it flicker.
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+def default_progress_bar(trainer_config: dict[str, Any]) -> ProgressBar | None:
+    """The bar ``rlnorm fit`` adds, or None where Lightning's choice stands.
+
+    Lightning's own default stays when the progress bar is disabled, when the config lists
+    one, or when ``rich`` is not installed (Lightning then draws a tqdm bar, which is labelled
+    correctly).
+    """
+    callbacks = trainer_config.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    if trainer_config.get("enable_progress_bar") is False:
+        return None
+    if any(isinstance(callback, ProgressBar) for callback in callbacks):
+        return None
+    try:
+        return RunProgressBar()
+    except ModuleNotFoundError:
+        return None
 
 
 class UsageError(Exception):
@@ -190,6 +227,14 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 }
             )
 
+        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            config = self.config_init[self.subcommand]["trainer"]
+            bar = None if "callbacks" in kwargs else default_progress_bar(config)
+            if bar is not None:
+                listed = config.get("callbacks") or []
+                kwargs["callbacks"] = [*(listed if isinstance(listed, list) else [listed]), bar]
+            return super().instantiate_trainer(**kwargs)
+
         def before_fit(self) -> None:
             callbacks = self.trainer.callbacks
             if self.trainer.is_global_zero and not any(
@@ -204,27 +249,35 @@ def run_lightning_cli(args: list[str] | None) -> None:
     # Whole option names only: argparse would take `--model.tot 7` for total_timesteps.
     strict = {"exit_on_error": False, "allow_abbrev": False}
     try:
-        RLNormCLI(
-            PPO,
-            args=args,
-            trainer_defaults={
-                "accelerator": "cpu",
-                "devices": 1,
-                "default_root_dir": "runs",
-                "max_epochs": -1,
-                # A step is a whole rollout and PPO update (256 env steps by default).
-                "log_every_n_steps": 5,
-            },
-            parser_kwargs={
-                **strict,
-                "prog": "rlnorm",
-                "fit": {
-                    **strict,
-                    "description": "Train the reference PPO; see the lines above this usage.",
+        with warnings.catch_warnings():
+            # Lightning builds torch's deprecated `LeafSpec` at every step; the FutureWarning is
+            # between the two libraries and nothing a user of `rlnorm fit` could act on.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                category=FutureWarning,
+            )
+            RLNormCLI(
+                PPO,
+                args=args,
+                trainer_defaults={
+                    "accelerator": "cpu",
+                    "devices": 1,
+                    "default_root_dir": "runs",
+                    "max_epochs": -1,
+                    # A step is a whole rollout and PPO update (256 env steps by default).
+                    "log_every_n_steps": 5,
                 },
-            },
-            save_config_kwargs={"overwrite": True},
-        )
+                parser_kwargs={
+                    **strict,
+                    "prog": "rlnorm",
+                    "fit": {
+                        **strict,
+                        "description": "Train the reference PPO; see the lines above this usage.",
+                    },
+                },
+                save_config_kwargs={"overwrite": True},
+            )
     except ArgumentError as err:
         message = str(err)
         if "unrecognized arguments" in message:

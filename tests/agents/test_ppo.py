@@ -43,6 +43,10 @@ class RecordingPPO(PPO):
         self.env_actions: list[Any] = []
         self.rollouts: list[Rollout] = []
         self.train_start: dict[str, Any] | None = None
+        self.epochs_started: list[int] = []
+
+    def on_train_epoch_start(self) -> None:
+        self.epochs_started.append(self.current_epoch)
 
     def setup(self, stage: str) -> None:
         fresh = self.envs is None
@@ -127,8 +131,10 @@ def test_ppo_counts_env_steps_exactly_stops_at_total_timesteps_and_learns_stats_
     callback = rlnorm.NormalizerCallback(reward=True, gamma=0.98) if normalize else None
     trainer = fit(tmp_path, model, [callback] if callback else [])
 
-    # Training stops with the first rollout that reaches total_timesteps, no later.
+    # Training stops with the first rollout that reaches total_timesteps, no later, and
+    # under max_epochs=-1 no empty epoch starts after it.
     assert model.env_steps == rollouts * PER_ROLLOUT
+    assert model.epochs_started == [0]
     assert model.env_steps >= total_timesteps > model.env_steps - PER_ROLLOUT
     assert len(model.rollouts) == rollouts
     assert len(model.env_obs) == 1 + rollouts * NUM_STEPS  # reset + one obs per vector step
@@ -281,6 +287,29 @@ def test_resuming_from_a_checkpoint_restores_env_steps_and_the_normalizer(tmp_pa
     stats = new_callback.normalizers.named_normalizers()
     assert int(stats["obs"].count) == 4 * PER_ROLLOUT
     assert int(stats["reward"].count) == 4 * PER_ROLLOUT
+
+
+def test_a_finished_run_resumed_with_a_larger_total_timesteps_trains_only_the_extra_rollouts(
+    tmp_path,
+):
+    first = ppo(total_timesteps=2 * PER_ROLLOUT)
+    trainer = fit(tmp_path, first, [rlnorm.NormalizerCallback()])
+    ckpt = tmp_path / "finished.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    # The same budget again: nothing is left to do.
+    same = ppo(total_timesteps=2 * PER_ROLLOUT)
+    fit(tmp_path, same, [rlnorm.NormalizerCallback()], ckpt_path=ckpt)
+    assert same.rollouts == []
+    assert same.env_steps == 2 * PER_ROLLOUT
+
+    longer = ppo(total_timesteps=5 * PER_ROLLOUT)
+    callback = rlnorm.NormalizerCallback()
+    trainer = fit(tmp_path, longer, [callback], ckpt_path=ckpt)
+    assert len(longer.rollouts) == 3
+    assert longer.env_steps == 5 * PER_ROLLOUT
+    assert longer.epochs_started == [1]
+    assert int(callback.normalizers.named_normalizers()["obs"].count) == 5 * PER_ROLLOUT
 
 
 # ---------------------------------------------------------------------------- bad arguments

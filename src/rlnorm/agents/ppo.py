@@ -364,11 +364,21 @@ class PPO(L.LightningModule):
         return DataLoader(range(iterations * world), batch_size=None)
 
     def on_train_batch_start(self, batch: int, batch_idx: int) -> int | None:
-        """Stop once ``total_timesteps`` were collected (also after resuming mid-epoch)."""
+        """Skip the rollout once ``total_timesteps`` were collected (a finished run resumed)."""
         if self.env_steps >= self.hparams.total_timesteps:
             self.trainer.should_stop = True
             return -1
         return None
+
+    def on_train_batch_end(self, outputs: Any, batch: int, batch_idx: int) -> None:
+        """Stop after the rollout that completes ``total_timesteps``.
+
+        Stopping here rather than at the next batch's start keeps an unlimited epoch count
+        (``max_epochs=-1``, which lets a finished run resume with a larger budget) from
+        starting an empty epoch after the last rollout.
+        """
+        if self.env_steps >= self.hparams.total_timesteps:
+            self.trainer.should_stop = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam, as in the reference implementations."""
