@@ -125,17 +125,20 @@ def default_progress_bar(trainer_config: dict[str, Any]) -> ProgressBar | None:
     one, or when ``rich`` is not installed (Lightning then draws a tqdm bar, which is labelled
     correctly).
     """
-    callbacks = trainer_config.get("callbacks") or []
-    if not isinstance(callbacks, list):
-        callbacks = [callbacks]
     if trainer_config.get("enable_progress_bar") is False:
         return None
-    if any(isinstance(callback, ProgressBar) for callback in callbacks):
+    if any(isinstance(callback, ProgressBar) for callback in listed_callbacks(trainer_config)):
         return None
     try:
         return RunProgressBar()
     except ModuleNotFoundError:
         return None
+
+
+def listed_callbacks(trainer_config: dict[str, Any]) -> list[Any]:
+    """The callbacks a trainer config lists, as a list (a config may give one, or none)."""
+    callbacks = trainer_config.get("callbacks") or []
+    return callbacks if isinstance(callbacks, list) else [callbacks]
 
 
 class UsageError(Exception):
@@ -231,8 +234,7 @@ def run_lightning_cli(args: list[str] | None) -> None:
             config = self.config_init[self.subcommand]["trainer"]
             bar = None if "callbacks" in kwargs else default_progress_bar(config)
             if bar is not None:
-                listed = config.get("callbacks") or []
-                kwargs["callbacks"] = [*(listed if isinstance(listed, list) else [listed]), bar]
+                kwargs["callbacks"] = [*listed_callbacks(config), bar]
             return super().instantiate_trainer(**kwargs)
 
         def before_fit(self) -> None:
